@@ -1,0 +1,73 @@
+"""The flags every training script shares (one vocabulary, architecture.md rule 7), and the
+toy-vs-paper default switch. Each script keeps its own method flags and its own TOY/PAPER tables."""
+import argparse
+
+from .runtime import AMP_CHOICES
+
+
+def hw(text):
+    """'H,W' or 'HxW' -> (H, W)."""
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 720,1280), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def add_common_args(p, source="toy", target="toy"):
+    g = p.add_argument_group("data")
+    g.add_argument("--source", default=source, help="labelled source domain: toy | toy_gta5 | toy_synthia | "
+                   "toy_cityscapes | gta5 | synthia | cityscapes | cityscapes_group0 | cityscapes_group1")
+    g.add_argument("--source-root", default=None, help="dataset root of --source (toy: generated cache)")
+    g.add_argument("--target", default=target, help="target domain: toy | toy_cityscapes | toy_crosscity | "
+                   "cityscapes | crosscity | cityscapes_group1 ...")
+    g.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
+    g.add_argument("--num-classes", type=int, default=None, choices=[19, 16, 13],
+                   help="label space: 19 (GTA5), 16 (SYNTHIA), 13 (CrossCity); default from the data")
+    g.add_argument("--crop-size", type=hw, default=None, help="training input size H,W (images are resized "
+                   "to it, as upstream; default: the domain's paper size)")
+    g.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, choices=["deeplabv2", "deeplabv3plus"], help="segmentation network")
+    g.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--init", default=None, help="ImageNet(/COCO) backbone weights file; 'scratch' = random init")
+    g.add_argument("--init-format", default="torchvision", choices=["torchvision", "caffe"],
+                   help="torchvision weights -> torchvision input normalisation; caffe (DeepLab's converted "
+                   "DeepLab_resnet_pretrained_init-f81d91e8.pth) -> caffe ResNet and BGR-mean input")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, default=None, help="length of the poly schedule (iter_max)")
+    g.add_argument("--stop-iter", type=int, default=None, help="stop early at this iteration (iter_stop)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step per process")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate (heads get 10x)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast: bf16 where native, else off")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder (config, log.jsonl, checkpoints, predictions)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (full state)")
+    g.add_argument("--eval-every", type=int, default=None, help="validate on the target every N iterations")
+    g.add_argument("--save-every", type=int, default=None, help="write OUT/checkpoint.pth every N iterations")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (needs tensorboard)")
+    return p
+
+
+def is_toy(args):
+    return all(str(d).startswith("toy") for d in (args.source, args.target) if d is not None)
+
+
+def fill_defaults(args, toy, paper):
+    """Unset flags (None) take the toy preset when every domain is a toy one, else the paper's."""
+    table = toy if is_toy(args) else paper
+    for k, v in table.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.stop_iter is None:
+        args.stop_iter = args.iters
+    return args
+
+
+def default_num_classes(args):
+    if args.num_classes is None:
+        names = (args.source, args.target)
+        args.num_classes = 13 if any("crosscity" in str(n) for n in names) else \
+            16 if any("synthia" in str(n) for n in names) else 19
+    return args.num_classes

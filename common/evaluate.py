@@ -1,0 +1,57 @@
+"""The evaluation loop shared by every test.py and by the in-training validation."""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import labels as L
+from .datasets import eval_loader
+from .metrics import ConfusionMatrix
+from .runtime import autocast, to_device, unwrap
+
+
+@torch.no_grad()
+def predict_logits(model, x, out_hw, amp=None, flip=False):
+    """Main-head logits upsampled (bilinear, align_corners=True) to out_hw, as fp32 probabilities'
+    log-domain stand-in: with flip=True, softmax probabilities of the image and of its mirror are
+    averaged (MaxSquare's flip TTA) and their log is returned."""
+    with autocast(x.device, amp):
+        out = model(x)["out"]
+    logits = F.interpolate(out.float(), size=out_hw, mode="bilinear", align_corners=True)
+    if not flip:
+        return logits
+    with autocast(x.device, amp):
+        out_f = model(x.flip(-1))["out"]
+    logits_f = F.interpolate(out_f.float(), size=out_hw, mode="bilinear", align_corners=True).flip(-1)
+    return torch.log((F.softmax(logits, 1) + F.softmax(logits_f, 1)) / 2)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir=None, n_save=8,
+             rank=0, world_size=1, workers=2, ensemble=None):
+    """mIoU of `model` on `dataset` (labels at full resolution). Runs in eval mode, restores the
+    previous mode. Predictions of the first n_save images are saved as colour PNGs to save_dir.
+    ensemble: optional second model whose logits are averaged 0.5/0.5 with the first (ADVENT)."""
+    models = [unwrap(model)] + ([unwrap(ensemble)] if ensemble is not None else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    conf = ConfusionMatrix(num_classes, device)
+    if save_dir is not None and rank == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    saved = 0
+    for batch in eval_loader(dataset, 1, workers, rank, world_size):
+        x = to_device(batch["image"], device, amp)
+        y = batch["label"].to(device)
+        logits = sum(predict_logits(m, x, y.shape[-2:], amp, flip) for m in models) / len(models)
+        pred = logits.argmax(1)
+        conf.update(pred, y)
+        if save_dir is not None and rank == 0 and saved < n_save:
+            name = Path(batch["name"][0]).stem
+            Image.fromarray(L.colorize(pred[0].cpu().numpy(), num_classes)).save(Path(save_dir) / f"{name}_pred.png")
+            saved += 1
+    for m, was in zip(models, modes):
+        m.train(was)
+    return (conf.all_reduce() if world_size > 1 else conf).summary()

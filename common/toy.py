@@ -1,0 +1,314 @@
+"""The embedded toy domains: small street-like scenes in the Cityscapes train-id label space,
+generated deterministically from a seed and written to disk in the REAL dataset formats, so that the
+real readers (common/datasets.py) load them.
+
+    toy_gta5/        GTA5 layout: images/XXXXX.png, labels/XXXXX.png (palette PNG, Cityscapes ids)
+    toy_synthia/     SYNTHIA-RAND-CITYSCAPES layout: RGB/, GT/LABELS/ (16-bit RGB PNG, id in R)
+    toy_cityscapes/  Cityscapes layout: leftImg8bit/{train,val,test}/CITY/..., gtFine/... labelIds
+    toy_crosscity/   NTHU layout: Rome/Images/{Train,Test}/, Rome/Labels/Test/*_eval.png
+
+The domains differ the way real ones do: colour palette and lighting, texture scale, sensor noise and
+blur, camera height (horizon), object frequencies, and an ego-vehicle hood (ignored) in the real-style
+target. The class frequencies follow a long tail: road/building/sky/vegetation large; pole, sign,
+light, person, rider, bikes small; train rare. `test` of toy_cityscapes is held out: the benchmark
+reports it, nothing is tuned on it.
+
+    python -m common.toy            # (re)generate into data/toy (or $SEGDA_DATA/toy) and print a summary
+"""
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import png
+from PIL import Image, ImageFilter
+
+from . import labels as L
+
+VERSION = 1
+ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, \
+    TRUCK, BUS, TRAIN, MOTO, BIKE = range(19)
+
+# Per-domain settings: image size, counts, camera, object rates, and the rendering style.
+DOMAINS = {
+    "gta5": dict(size=(120, 216), horizon=(0.36, 0.50), cars=(1, 5), people=(0, 4), poles=(1, 4),
+                 big=0.45, riders=0.5, train=0.03, terrain=True, hood=False),
+    "synthia": dict(size=(114, 190), horizon=(0.18, 0.32), cars=(0, 4), people=(2, 8), poles=(1, 5),
+                    big=0.25, riders=0.7, train=0.0, terrain=False, hood=False),
+    "cityscapes": dict(size=(128, 256), horizon=(0.40, 0.54), cars=(2, 7), people=(1, 6), poles=(2, 6),
+                       big=0.25, riders=0.4, train=0.02, terrain=True, hood=True),
+    "crosscity": dict(size=(128, 256), horizon=(0.42, 0.56), cars=(1, 6), people=(1, 5), poles=(1, 4),
+                      big=0.35, riders=0.6, train=0.0, terrain=True, hood=False),
+}
+COUNTS = {"gta5": 600, "synthia": 400, "cityscapes": {"train": 400, "val": 100, "test": 100},
+          "crosscity": {"Train": 300, "Test": 100}}
+CITIES = {"train": ["toyaachen", "toybremen"], "val": ["toyfrankfurt"], "test": ["toyberlin"]}
+
+# Base colours (RGB 0..1) of the synthetic-source palette; other domains transform these.
+BASE = np.array([(128, 64, 128), (232, 70, 230), (80, 70, 70), (110, 100, 160), (190, 150, 150),
+                 (150, 150, 150), (250, 170, 30), (220, 220, 0), (100, 150, 30), (150, 240, 150),
+                 (70, 130, 200), (220, 20, 60), (255, 40, 0), (20, 20, 150), (10, 10, 80),
+                 (0, 70, 110), (0, 90, 100), (30, 30, 230), (130, 20, 40)], np.float32) / 255
+# Texture of each class: (kind, base period in px, amplitude). Kinds: n noise, s stripes, g grid, c checker
+TEXTURE = [("n", 2, .10), ("s", 6, .15), ("g", 8, .30), ("s", 4, .20), ("s", 3, .35), ("n", 2, .05),
+           ("c", 2, .30), ("n", 2, .05), ("n", 3, .35), ("n", 2, .25), ("y", 0, .25), ("c", 3, .20),
+           ("c", 3, .20), ("g", 6, .25), ("g", 10, .20), ("g", 5, .30), ("s", 5, .25), ("c", 2, .25),
+           ("s", 2, .30)]
+
+
+def _style(domain, seed):
+    """Colour palette and rendering parameters of a domain (fixed per domain, not per image)."""
+    rng = np.random.default_rng([seed, 1000 + list(DOMAINS).index(domain)])
+    pal = BASE.copy()
+    if domain == "gta5":      # vivid, clean, sharp, bright
+        return dict(pal=pal, tex_scale=1.0, tex_amp=1.0, noise=0.01, blur=0.0, gamma=1.0, vignette=0.0)
+    if domain == "synthia":   # flat shading, pastel, different hue
+        mix = np.array([[.8, .15, .05], [.1, .8, .1], [.1, .2, .7]], np.float32)
+        pal = 0.5 * (pal @ mix.T) + 0.4 + rng.uniform(-.06, .06, pal.shape).astype(np.float32)
+        return dict(pal=pal.clip(0, 1), tex_scale=1.5, tex_amp=0.4, noise=0.02, blur=0.0, gamma=0.9,
+                    vignette=0.0)
+    # real-looking targets: desaturated, colour-cast, per-class drift, coarser textures, noise, blur
+    cast = np.array([1.0, 0.95, 0.85] if domain == "cityscapes" else [0.9, 1.0, 1.05], np.float32)
+    grey = pal.mean(1, keepdims=True)
+    pal = (0.45 * pal + 0.55 * grey) * cast + rng.uniform(-.10, .10, pal.shape).astype(np.float32)
+    return dict(pal=pal.clip(0.03, 1), tex_scale=1.6, tex_amp=0.8, noise=0.06, blur=0.8,
+                gamma=1.3 if domain == "cityscapes" else 0.8, vignette=0.3)
+
+
+def _scene(domain, rng):
+    """A label map (HxW train ids, 255 = unlabeled) for one street scene."""
+    cfg = DOMAINS[domain]
+    H, W = cfg["size"]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    lab = np.full((H, W), SKY, np.uint8)
+    hz = rng.uniform(*cfg["horizon"]) * H
+    vx = rng.uniform(0.35, 0.65) * W  # vanishing point
+    # buildings / vegetation along the horizon
+    x = 0.0
+    while x < W:
+        bw = rng.uniform(0.08, 0.3) * W
+        top = hz - rng.uniform(0.1, 0.45) * H
+        kind = rng.choice([BUILDING, BUILDING, BUILDING, VEG, SKY])
+        m = (xx >= x) & (xx < x + bw) & (yy >= top) & (yy < hz + 2)
+        if kind == VEG:
+            cy, r = top + 0.15 * H, bw / 2
+            m = (((xx - x - bw / 2) / r) ** 2 + ((yy - cy) / (0.18 * H)) ** 2 < 1) | \
+                ((xx >= x) & (xx < x + bw) & (yy >= cy) & (yy < hz + 2))
+        if kind != SKY:
+            lab[m] = kind
+        x += bw
+    # ground: sidewalk everywhere below the horizon, road as a trapezoid to the vanishing point
+    ground = yy >= hz
+    lab[ground] = SIDEWALK
+    t = ((yy - hz) / max(H - hz, 1)).clip(0, 1)
+    half = (0.04 + 0.6 * t) * W
+    road = ground & (np.abs(xx - vx) < half)
+    lab[road] = ROAD
+    if cfg["terrain"]:
+        edge = ground & (np.abs(xx - vx) > half + (0.05 + 0.35 * t) * W)
+        lab[edge & (rng.random() < 0.7)] = TERRAIN
+    # wall / fence strip at the foot of the buildings on one side
+    for cls in (WALL, FENCE):
+        if rng.random() < 0.5:
+            x0 = rng.uniform(0, 0.6) * W
+            m = (xx > x0) & (xx < x0 + rng.uniform(0.15, 0.4) * W) & (yy > hz - rng.uniform(.04, .1) * H) & \
+                (yy < hz + 0.03 * H) & (np.abs(xx - vx) > 0.08 * W)
+            lab[m] = cls
+
+    def depth_scale(ybottom):  # objects get bigger towards the camera
+        return 0.25 + 1.2 * ((ybottom - hz) / max(H - hz, 1))
+
+    # poles with signs / lights, on the sidewalk
+    for _ in range(rng.integers(*cfg["poles"], endpoint=True)):
+        yb = rng.uniform(hz + 0.05 * H, H)
+        s = depth_scale(yb)
+        tb = ((yb - hz) / max(H - hz, 1))
+        side = rng.choice([-1, 1])
+        xc = vx + side * ((0.04 + 0.6 * tb) * W + rng.uniform(2, 0.15 * W * tb + 3))
+        hgt, wid = 0.45 * H * s, max(1.0, 1.5 * s)
+        lab[(np.abs(xx - xc) < wid) & (yy > yb - hgt) & (yy < yb)] = POLE
+        head = rng.choice([SIGN, LIGHT, SIGN, POLE])
+        if head != POLE:
+            hw, hh = (5 * s, 4.5 * s) if head == SIGN else (2.5 * s, 6 * s)
+            lab[(np.abs(xx - xc) < hw) & (yy > yb - hgt - hh) & (yy < yb - hgt + hh)] = head
+    # vehicles on the road, drawn far to near
+    vehicles = []
+    for _ in range(rng.integers(*cfg["cars"], endpoint=True)):
+        r = rng.random()
+        cls = CAR if r > cfg["big"] else (TRUCK if r > cfg["big"] / 2 else BUS)
+        if rng.random() < cfg["train"]:
+            cls = TRAIN
+        vehicles.append((rng.uniform(hz + 0.06 * H, H + 0.1 * H), cls))
+    for _ in range(rng.integers(*cfg["people"], endpoint=True)):
+        vehicles.append((rng.uniform(hz + 0.04 * H, H), PERSON))
+    for yb, cls in sorted(vehicles):
+        s = depth_scale(yb)
+        tb = ((yb - hz) / max(H - hz, 1))
+        if cls == PERSON:
+            side = rng.choice([-1, 1])
+            xc = vx + side * ((0.04 + 0.6 * tb) * W + rng.uniform(1, 0.12 * W * tb + 2))
+            ride = rng.random() < cfg["riders"] * 0.4
+            if ride:  # a rider on a bicycle or motorcycle, on the road
+                xc = vx + rng.uniform(-0.5, 0.5) * (0.04 + 0.6 * tb) * W
+                bike = rng.choice([BIKE, MOTO])
+                lab[(((xx - xc) / (6 * s)) ** 2 + ((yy - yb + 3 * s) / (3 * s)) ** 2) < 1] = bike
+                lab[(((xx - xc) / (2.5 * s)) ** 2 + ((yy - yb + 10 * s) / (5 * s)) ** 2) < 1] = RIDER
+            else:
+                lab[(((xx - xc) / (2.5 * s)) ** 2 + ((yy - yb + 8 * s) / (8 * s)) ** 2) < 1] = PERSON
+        else:
+            w, h = {CAR: (14, 8), TRUCK: (18, 15), BUS: (24, 16), TRAIN: (60, 16)}[cls]
+            xc = vx + rng.uniform(-0.7, 0.7) * (0.04 + 0.6 * tb) * W
+            lab[(np.abs(xx - xc) < w * s / 2) & (yy > yb - h * s) & (yy < yb)] = cls
+    if cfg["hood"]:  # ego-vehicle bonnet: Cityscapes labels it 'ego vehicle' (id 1), ignored
+        hood = yy > H - 0.08 * H - 0.04 * H * np.cos((xx - W / 2) / W * np.pi)
+        lab[hood] = 254  # marker, written as label id 1
+    return lab
+
+
+def _render(lab, style, rng):
+    """RGB uint8 image of a label map in a domain's style."""
+    H, W = lab.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    cls = np.where(lab >= 19, 19, lab).astype(np.int64)
+    pal = np.concatenate([style["pal"], np.array([[0.12, 0.12, 0.14]], np.float32)])
+    img = pal[cls] * rng.uniform(0.85, 1.15)  # per-image exposure
+    pat = np.zeros((H, W), np.float32)
+    for c, (kind, period, amp) in enumerate(TEXTURE):
+        m = cls == c
+        if not m.any():
+            continue
+        p = max(1.0, period * style["tex_scale"])
+        if kind == "n":
+            v = rng.normal(0, 1, (H, W)).astype(np.float32)
+        elif kind == "s":
+            v = np.sign(np.sin(2 * np.pi * (xx + 0.5 * yy) / (2 * p)))
+        elif kind == "g":
+            v = (((xx // p) % 2 == 0) & ((yy // p) % 2 == 0)).astype(np.float32) * 2 - 1
+        elif kind == "c":
+            v = ((xx // p + yy // p) % 2) * 2 - 1
+        else:  # sky: vertical gradient
+            v = 1 - 2 * yy / H
+        pat[m] = amp * style["tex_amp"] * v[m]
+    img = img * (1 + pat[..., None])
+    if style["vignette"]:
+        r2 = ((xx - W / 2) / W) ** 2 + ((yy - H / 2) / H) ** 2
+        img = img * (1 - style["vignette"] * r2)[..., None]
+    img = img.clip(0, 1) ** style["gamma"]
+    img = img + rng.normal(0, style["noise"], img.shape)
+    out = Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8))
+    if style["blur"]:
+        out = out.filter(ImageFilter.GaussianBlur(style["blur"]))
+    return out
+
+
+TRAINID_TO_CSID = np.zeros(256, np.uint8)  # 255 (unlabeled) -> 0, hood marker 254 -> 1 (ego vehicle)
+for _name, _id, _t, _c in L.CITYSCAPES_CLASSES:
+    TRAINID_TO_CSID[_t] = _id
+TRAINID_TO_CSID[254] = 1
+TRAINID_TO_SYNTHIA = np.zeros(256, np.uint16)
+for _sid, _t in L.SYNTHIA_ID_TO_TRAINID.items():
+    TRAINID_TO_SYNTHIA[_t] = _sid
+CS_PALETTE = [0] * 768  # palette of GTA5-style label PNGs: id -> Cityscapes colour
+for _name, _id, _t, _c in L.CITYSCAPES_CLASSES:
+    CS_PALETTE[3 * _id: 3 * _id + 3] = _c
+
+
+def _write_png_atomic(im, path):
+    tmp = path.with_suffix(".tmp.png")
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_domain(domain, root, seed):
+    style = _style(domain, seed)
+    jobs = []
+    if domain == "gta5":
+        jobs = [(i, root / "images" / f"{i:05d}.png", root / "labels" / f"{i:05d}.png")
+                for i in range(1, COUNTS["gta5"] + 1)]
+    elif domain == "synthia":
+        jobs = [(i, root / "RGB" / f"{i:07d}.png", root / "GT" / "LABELS" / f"{i:07d}.png")
+                for i in range(COUNTS["synthia"])]
+    elif domain == "cityscapes":
+        for split, n in COUNTS["cityscapes"].items():
+            cities = CITIES[split]
+            for k in range(n):
+                city = cities[k % len(cities)]
+                stem = f"{city}_{k:06d}_000019"
+                jobs.append((10000 * list(COUNTS["cityscapes"]).index(split) + k,
+                             root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+                             root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"))
+    else:
+        for split, n in COUNTS["crosscity"].items():
+            for k in range(n):
+                lbl = root / "Rome" / "Labels" / split / f"pano_{k:05d}_eval.png" if split == "Test" else None
+                jobs.append((10000 * (split == "Test") + k, root / "Rome" / "Images" / split / f"pano_{k:05d}.png", lbl))
+    for i, img_path, lbl_path in jobs:
+        rng = np.random.default_rng([seed, list(DOMAINS).index(domain), i])
+        lab = _scene(domain, rng)
+        if domain == "synthia":
+            lab[np.isin(lab, [TERRAIN, TRUCK, TRAIN])] = VEG  # SYNTHIA has no terrain/truck/train
+        img = _render(lab, style, rng)
+        img_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_png_atomic(img, img_path)
+        if lbl_path is None:
+            continue
+        lbl_path.parent.mkdir(parents=True, exist_ok=True)
+        if domain == "synthia":  # 16-bit RGB: R = class id, G = an instance-like id, B = 0
+            arr = np.zeros(lab.shape + (3,), np.uint16)
+            arr[..., 0] = TRAINID_TO_SYNTHIA[lab]
+            arr[..., 1] = (lab.astype(np.uint16) * 37) % 1000
+            tmp = lbl_path.with_suffix(".tmp.png")
+            with open(tmp, "wb") as f:
+                png.Writer(lab.shape[1], lab.shape[0], bitdepth=16, greyscale=False).write(
+                    f, arr.reshape(lab.shape[0], -1))
+            os.replace(tmp, lbl_path)
+        elif domain == "gta5":  # palette PNG of Cityscapes ids, like the real GTA5 labels
+            im = Image.fromarray(TRAINID_TO_CSID[lab], "P")
+            im.putpalette(CS_PALETTE)
+            _write_png_atomic(im, lbl_path)
+        else:
+            ids = TRAINID_TO_CSID[lab]
+            if domain == "crosscity":  # NTHU annotates only its 13 classes; the rest is void (0)
+                ids[np.isin(lab, [WALL, FENCE, POLE, TERRAIN, TRUCK, TRAIN])] = 0
+            _write_png_atomic(Image.fromarray(ids, "L"), lbl_path)
+    return len(jobs)
+
+
+def toy_root(root=None):
+    if root is not None:
+        return Path(root)
+    if os.environ.get("SEGDA_DATA"):
+        return Path(os.environ["SEGDA_DATA"]) / "toy"
+    return Path(__file__).resolve().parent.parent / "data" / "toy"
+
+
+def ensure_toy(root=None, seed=0):
+    """Generate the toy domains once (deterministically) and return their root folder.
+    Safe to call from several processes at once (file lock); a finished set is marked by DONE.json."""
+    root = toy_root(root)
+    stamp = root / "DONE.json"
+    want = {"version": VERSION, "seed": seed}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and json.loads(stamp.read_text()) == want:
+            return root
+        print(f"[toy] generating the toy domains in {root} (once, ~30 s)", flush=True)
+        for d in DOMAINS:
+            if (root / f"toy_{d}").exists():
+                shutil.rmtree(root / f"toy_{d}")
+            n = _write_domain(d, root / f"toy_{d}", seed)
+            print(f"[toy]   toy_{d}: {n} images", flush=True)
+        tmp = root / "DONE.json.tmp"
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, stamp)
+    return root
+
+
+if __name__ == "__main__":
+    r = ensure_toy()
+    print(r)
