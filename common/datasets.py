@@ -217,6 +217,10 @@ def build_dataset(kind, root, split, num_classes=19, transform=None, norm="image
                   with_labels=True, list_path=None, cities=None, city="Rome"):
     """One place that knows each dataset's layout. split: gta5/synthia 'all' (or a list file);
     cityscapes 'train'/'val'/'test'; crosscity 'Train'/'Test'."""
+    if kind in ("gta5", "synthia") and split != "all" and list_path is None:
+        list_path = Path(root) / split  # a list file of image names relative to the root (GTA5 splits)
+        if not list_path.is_file():
+            raise _layout_error(kind, root, f"the split list {list_path}")
     if kind == "gta5":
         files = gta5_files(root, list_path)
     elif kind == "synthia":
@@ -291,8 +295,8 @@ DOMAINS = {
     "cityscapes_group0": ("cityscapes", "train", "val", (512, 1024), (512, 1024)),
     "cityscapes_group1": ("cityscapes", "train", "val", (512, 1024), (512, 1024)),
     # The embedded toy domains (common/toy.py), same formats, about 1/8 of the real sizes.
-    "toy_gta5": ("gta5", "all", None, (72, 128), (72, 128)),
-    "toy_synthia": ("synthia", "all", None, (76, 128), (76, 128)),
+    "toy_gta5": ("gta5", "lists/train.txt", "lists/val.txt", (72, 128), (72, 128)),
+    "toy_synthia": ("synthia", "lists/train.txt", "lists/val.txt", (76, 128), (76, 128)),
     "toy_cityscapes": ("cityscapes", "train", "val", (64, 128), (64, 128)),
     "toy_crosscity": ("crosscity", "Train", "Test", (64, 128), (64, 128)),
 }

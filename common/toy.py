@@ -27,7 +27,7 @@ from PIL import Image, ImageFilter
 
 from . import labels as L
 
-VERSION = 1
+VERSION = 2
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, \
     TRUCK, BUS, TRAIN, MOTO, BIKE = range(19)
 
@@ -118,7 +118,7 @@ def _scene(domain, rng):
             lab[m] = cls
 
     def depth_scale(ybottom):  # objects get bigger towards the camera
-        return 0.25 + 1.2 * ((ybottom - hz) / max(H - hz, 1))
+        return 0.4 + 1.3 * ((ybottom - hz) / max(H - hz, 1))
 
     # poles with signs / lights, on the sidewalk
     for _ in range(rng.integers(*cfg["poles"], endpoint=True)):
@@ -127,7 +127,7 @@ def _scene(domain, rng):
         tb = ((yb - hz) / max(H - hz, 1))
         side = rng.choice([-1, 1])
         xc = vx + side * ((0.04 + 0.6 * tb) * W + rng.uniform(2, 0.15 * W * tb + 3))
-        hgt, wid = 0.45 * H * s, max(1.0, 1.5 * s)
+        hgt, wid = 0.45 * H * s, max(1.0, 2.0 * s)
         lab[(np.abs(xx - xc) < wid) & (yy > yb - hgt) & (yy < yb)] = POLE
         head = rng.choice([SIGN, LIGHT, SIGN, POLE])
         if head != POLE:
@@ -158,7 +158,7 @@ def _scene(domain, rng):
             else:
                 lab[(((xx - xc) / (2.5 * s)) ** 2 + ((yy - yb + 8 * s) / (8 * s)) ** 2) < 1] = PERSON
         else:
-            w, h = {CAR: (14, 8), TRUCK: (18, 15), BUS: (24, 16), TRAIN: (60, 16)}[cls]
+            w, h = {CAR: (24, 13), TRUCK: (28, 22), BUS: (36, 24), TRAIN: (80, 22)}[cls]
             xc = vx + rng.uniform(-0.7, 0.7) * (0.04 + 0.6 * tb) * W
             lab[(np.abs(xx - xc) < w * s / 2) & (yy > yb - h * s) & (yy < yb)] = cls
     if cfg["hood"]:  # ego-vehicle bonnet: Cityscapes labels it 'ego vehicle' (id 1), ignored
@@ -273,6 +273,11 @@ def _write_domain(domain, root, seed):
             if domain == "crosscity":  # NTHU annotates only its 13 classes; the rest is void (0)
                 ids[np.isin(lab, [WALL, FENCE, POLE, TERRAIN, TRUCK, TRAIN])] = 0
             _write_png_atomic(Image.fromarray(ids, "L"), lbl_path)
+    if domain in ("gta5", "synthia"):  # a held-out source split (GTA5's train/val lists), last 100 images
+        names = [j[1].name for j in jobs]
+        (root / "lists").mkdir(exist_ok=True)
+        (root / "lists" / "train.txt").write_text("\n".join(names[:-100]) + "\n")
+        (root / "lists" / "val.txt").write_text("\n".join(names[-100:]) + "\n")
     return len(jobs)
 
 
