@@ -41,6 +41,35 @@ PIPELINES = [
         ("{py} advent_maxsquare/test.py --checkpoint {base}/oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- advent_maxsquare: adaptation (issue: AdaptSegNet, ADVENT, MaxSquare) ----
+    # Each starts from this seed's source-only model ({base}/source, built by "Source only" above).
+    dict(name="AdaptSegNet (output-space adversarial)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_adaptseg.py --seed {seed} --init-from {base}/source/model.pth "
+         "--out {base}/adaptseg", "{base}/adaptseg/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/adaptseg/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="ADVENT MinEnt", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_advent.py --mode minent --seed {seed} --init-from {base}/source/model.pth "
+         "--out {base}/minent", "{base}/minent/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/minent/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="ADVENT AdvEnt", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_advent.py --mode advent --seed {seed} --init-from {base}/source/model.pth "
+         "--out {base}/advent", "{base}/advent/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/advent/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="ADVENT AdvEnt+MinEnt (logit ensemble)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/advent/model.pth --ensemble {base}/minent/model.pth "
+         "--split test --out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MaxSquare (MS)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_maxsquare.py --target-loss maxsquare --seed {seed} "
+         "--init-from {base}/source/model.pth --out {base}/maxsquare", "{base}/maxsquare/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/maxsquare/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MaxSquare (MS+IW)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_maxsquare.py --target-loss iw_maxsquare --seed {seed} "
+         "--init-from {base}/source/model.pth --out {base}/iw_maxsquare", "{base}/iw_maxsquare/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/iw_maxsquare/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- mada ----
     # ---- d2ada ----
     # ---- madan ----

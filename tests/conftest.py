@@ -23,7 +23,7 @@ def run_script(script, *args, timeout=600, env=None, check=True):
 
 def run_torchrun(script, *args, nproc=2, timeout=600):
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
     if p.returncode != 0:

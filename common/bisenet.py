@@ -1,0 +1,165 @@
+"""BiSeNetV1 (Yu et al., ECCV 2018) with a ResNet-18 context path: the real-time segmenter of TUFL
+and SS-ADA (the CoinCheung/BiSeNet layout they build on).
+
+- Context path: torchvision ResNet-18 (no download; `backbone`), features at 1/8, 1/16, 1/32;
+  attention refinement modules (ARM) on 1/16 and 1/32, global-average context, 2x upsampling steps.
+- Spatial path: three stride-2 conv-BN-ReLU (7x7, 3x3, 3x3, 64 ch) and a 1x1 to 128 ch (1/8).
+- Feature fusion module (FFM): concat, 1x1 conv-BN-ReLU to 256, channel attention, residual.
+- Three heads: "out" (FFM, 1/8), "aux16" (context feature at 1/8), "aux32" (context feature at 1/16);
+  the two aux heads are returned in training mode only (deep supervision).
+- UniMatch's feature perturbation (`need_fp=True`): the FFM and the main head also run on
+  Dropout(0.5)(spatial feature) and Dropout2d(0.5)(context feature); returned as "fp".
+Outputs are logits at the head's own resolution (house convention: the caller upsamples).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin, cout, k=3, stride=1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+        nn.init.kaiming_normal_(self[0].weight, a=1)
+
+
+class AttentionRefinement(nn.Module):
+    """ARM: 3x3 conv-BN-ReLU, then a channel attention from the global average (1x1 conv, BN, sigmoid)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout, 3)
+        self.atten = nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Sigmoid())
+        nn.init.kaiming_normal_(self.atten[0].weight, a=1)
+
+    def forward(self, x):
+        feat = self.conv(x)
+        return feat * self.atten(feat.mean((2, 3), keepdim=True))
+
+
+class FeatureFusion(nn.Module):
+    """FFM: concat(spatial, context) -> 1x1 conv-BN-ReLU; feat + feat * sigmoid(BN(conv1x1(avg(feat))))."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.convblk = ConvBNReLU(cin, cout, 1)
+        self.atten = nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.Sigmoid())
+        nn.init.kaiming_normal_(self.atten[0].weight, a=1)
+
+    def forward(self, fsp, fcp):
+        feat = self.convblk(torch.cat([fsp, fcp], 1))
+        return feat + feat * self.atten(feat.mean((2, 3), keepdim=True))
+
+
+class Head(nn.Module):
+    """BiSeNetOutput: 3x3 conv-BN-ReLU then a 1x1 classifier (upsampling is left to the caller)."""
+
+    def __init__(self, cin, mid, num_classes):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, mid, 3)
+        self.cls = nn.Conv2d(mid, num_classes, 1)
+        nn.init.kaiming_normal_(self.cls.weight, a=1)
+        nn.init.zeros_(self.cls.bias)
+
+    def forward(self, x):
+        return self.cls(self.conv(x))
+
+
+def _up(x, ref):
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=True)
+
+
+class BiSeNetV1(nn.Module):
+    def __init__(self, num_classes=19, backbone="resnet18"):
+        super().__init__()
+        if backbone != "resnet18":
+            raise ValueError("BiSeNetV1 here has a ResNet-18 context path (backbone='resnet18')")
+        net = torchvision.models.resnet18(weights=None)
+        del net.fc, net.avgpool
+        self.backbone = net  # context path's ResNet-18 (load_backbone_weights fills it)
+        self.arm16, self.arm32 = AttentionRefinement(256, 128), AttentionRefinement(512, 128)
+        self.conv_avg = ConvBNReLU(512, 128, 1)
+        self.conv_head32, self.conv_head16 = ConvBNReLU(128, 128, 3), ConvBNReLU(128, 128, 3)
+        self.sp = nn.Sequential(ConvBNReLU(3, 64, 7, 2), ConvBNReLU(64, 64, 3, 2), ConvBNReLU(64, 64, 3, 2),
+                                ConvBNReLU(64, 128, 1))
+        self.ffm = FeatureFusion(256, 256)
+        self.head_out = Head(256, 256, num_classes)
+        self.head_aux16 = Head(128, 64, num_classes)
+        self.head_aux32 = Head(128, 64, num_classes)
+        self.multi_level = False
+        self.num_classes = num_classes
+
+    def context(self, x):
+        """Context path: (feature at 1/8, feature at 1/16), 128 channels each."""
+        n = self.backbone
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        f8 = n.layer2(n.layer1(x))
+        f16 = n.layer3(f8)
+        f32 = n.layer4(f16)
+        avg = self.conv_avg(f32.mean((2, 3), keepdim=True))
+        up32 = self.conv_head32(_up(self.arm32(f32) + avg, f16))
+        up16 = self.conv_head16(_up(self.arm16(f16) + up32, f8))
+        return up16, up32
+
+    def forward(self, x, need_fp=False):
+        cp8, cp16 = self.context(x)
+        sp = self.sp(x)
+        if cp8.shape[-2:] != sp.shape[-2:]:  # odd input sizes: align the context feature to the spatial one
+            cp8 = _up(cp8, sp)
+        if need_fp:  # UniMatch feature perturbation: one pass on clean and dropped-out features
+            fuse = self.ffm(torch.cat([sp, F.dropout(sp, 0.5, True)]),
+                            torch.cat([cp8, F.dropout2d(cp8, 0.5, True)]))
+            out, out_fp = self.head_out(fuse).chunk(2)
+        else:
+            out = self.head_out(self.ffm(sp, cp8))
+        res = {"out": out}
+        if need_fp:
+            res["fp"] = out_fp
+        if self.training:
+            res["aux16"] = self.head_aux16(cp8)
+            res["aux32"] = self.head_aux32(cp16)
+        return res
+
+    def param_groups(self):
+        """(context + spatial path params, FFM + head params): as upstream, the FFM and heads train at
+        10x the learning rate."""
+        heads = [p for n, p in self.named_parameters() if n.startswith(("ffm.", "head_"))]
+        ids = {id(p) for p in heads}
+        return [p for p in self.parameters() if id(p) not in ids], heads
+
+
+def make_bisenet(num_classes=19, init="scratch"):
+    """Build BiSeNetV1-R18 and load an ImageNet ResNet-18 file (torchvision format) into its context
+    path. Returns (model, config); config is what a checkpoint stores."""
+    net = BiSeNetV1(num_classes)
+    if init not in (None, "scratch"):
+        from .models import load_backbone_weights
+        load_backbone_weights(net, init)
+    cfg = {"model": "bisenetv1", "backbone": "resnet18", "num_classes": num_classes, "caffe_style": False,
+           "multi_level": False, "two_branch": False, "norm": "imagenet"}
+    return net, cfg
+
+
+def bisenet_from_checkpoint(path):
+    """Rebuild a BiSeNetV1 checkpoint of ours (strict load). Returns (model, config)."""
+    from .models import WeightLoadError, _check_and_load
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise WeightLoadError(f"{path} is not a segda checkpoint (needs 'model' and 'config' entries)")
+    c = state["config"]
+    if c.get("model") != "bisenetv1":
+        raise WeightLoadError(f"{path} holds a {c.get('model')} model, not bisenetv1")
+    net = BiSeNetV1(c["num_classes"])
+    _check_and_load(net, {k[7:] if k.startswith("module.") else k: v for k, v in state["model"].items()},
+                    path, "model BiSeNetV1")
+    return net, dict(c)
+
+
+def any_segmenter_from_checkpoint(path):
+    """BiSeNetV1 or one of common.models' segmenters, whichever the checkpoint holds."""
+    from .models import segmenter_from_checkpoint
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("config"), dict) and state["config"].get("model") == "bisenetv1":
+        return bisenet_from_checkpoint(path)
+    return segmenter_from_checkpoint(path)

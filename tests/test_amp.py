@@ -1,0 +1,36 @@
+"""--amp: autocast is really active where asked, inputs/models go channels_last, and the losses and softmax
+statistics come out in fp32 whatever the autocast dtype."""
+import torch
+
+from common import runtime as rt
+from common.losses import cross_entropy, entropy_map, ohem_cross_entropy, self_information
+from common.models import DeepLabV2
+
+
+def test_amp_choices():
+    cpu = torch.device("cpu")
+    assert rt.amp_dtype("off", cpu) is None
+    assert rt.amp_dtype("bf16", cpu) is torch.bfloat16 and rt.amp_dtype("fp16", cpu) is torch.float16
+    assert rt.amp_dtype("auto", cpu) is (torch.bfloat16 if rt.cpu_has_fast_bf16() else None)
+    assert not rt.grad_scaler(cpu, torch.bfloat16).is_enabled()  # a scaler only for CUDA fp16
+    assert rt.memory_format(torch.bfloat16) is torch.channels_last and rt.memory_format(None) is torch.contiguous_format
+
+
+def test_autocast_is_active_and_losses_stay_fp32():
+    amp = torch.bfloat16
+    model = DeepLabV2(19, "resnet18").to(memory_format=rt.memory_format(amp))
+    seen = {}
+    model.backbone.layer2.register_forward_hook(lambda m, i, o: seen.update(layer2=o))  # returns None
+    x = rt.to_device(torch.randn(2, 3, 32, 64), torch.device("cpu"), amp)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 19, (2, 32, 64))
+    with rt.autocast("cpu", amp):
+        out = model(x)
+        logits = torch.nn.functional.interpolate(out["out"], size=(32, 64), mode="bilinear", align_corners=True)
+        assert seen["layer2"].dtype == torch.bfloat16 and out["out"].dtype == torch.bfloat16
+        for loss in (cross_entropy(logits, y), ohem_cross_entropy(logits, y, 0.7, 100),
+                     entropy_map(logits), self_information(torch.softmax(logits, 1))):
+            assert loss.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    with rt.autocast("cpu", None):
+        assert model(x.float())["out"].dtype == torch.float32
