@@ -71,9 +71,198 @@ PIPELINES = [
         ("{py} advent_maxsquare/test.py --checkpoint {base}/iw_maxsquare/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- mada ----
+    # MADA/MADAv2 need their own DeepLabV3+ warm-up (the DeepLabV2 {base}/source has no 256-d decoder
+    # feature). The shared steps live in {base}/mada and are skipped once done (pipelines run in order).
+    dict(name="MADA stage 1 (5% images, CE)", method="mada", labels="5% of target images (20)", steps=[
+        ("{py} mada/warmup.py --seed {seed} --out {base}/mada/warmup", "{base}/mada/warmup/final.json"),
+        ("{py} mada/save_features.py --domain source --checkpoint {base}/mada/warmup/model.pth "
+         "--out {base}/mada/features/source_warmup", "{base}/mada/features/source_warmup/final.json"),
+        ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/warmup/model.pth "
+         "--out {base}/mada/features/target_warmup", "{base}/mada/features/target_warmup/final.json"),
+        ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/source_warmup "
+         "--out {base}/mada/anchors/source_warmup", "{base}/mada/anchors/source_warmup/final.json"),
+        ("{py} mada/select_active.py --criterion mada --features {base}/mada/features/target_warmup "
+         "--source-anchors {base}/mada/anchors/source_warmup --out {base}/mada/select_mada",
+         "{base}/mada/select_mada/final.json"),
+        ("{py} mada/train_stage1.py --seed {seed} --init-from {base}/mada/warmup/model.pth "
+         "--selection {base}/mada/select_mada --out {base}/mada/stage1_mada", "{base}/mada/stage1_mada/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage1_mada/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADA stage 2 (5% images)", method="mada", labels="5% of target images (20)", steps=[
+        ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada/model.pth "
+         "--out {base}/mada/features/target_stage1_mada", "{base}/mada/features/target_stage1_mada/final.json"),
+        ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_stage1_mada "
+         "--out {base}/mada/anchors/target_stage1_mada", "{base}/mada/anchors/target_stage1_mada/final.json"),
+        ("{py} mada/train_stage2.py --seed {seed} --init-from {base}/mada/stage1_mada/model.pth "
+         "--anchors {base}/mada/anchors/target_stage1_mada --selection {base}/mada/select_mada "
+         "--out {base}/mada/stage2_mada", "{base}/mada/stage2_mada/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAv2 step 1 (5% images, CE)", method="mada", labels="5% of target images (20)", steps=[
+        ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_warmup "
+         "--out {base}/mada/anchors/target_warmup", "{base}/mada/anchors/target_warmup/final.json"),
+        ("{py} mada/select_active.py --criterion madav2 --features {base}/mada/features/target_warmup "
+         "--source-anchors {base}/mada/anchors/source_warmup --target-anchors {base}/mada/anchors/target_warmup "
+         "--out {base}/mada/select_madav2", "{base}/mada/select_madav2/final.json"),
+        ("{py} mada/train_stage1.py --seed {seed} --init-from {base}/mada/warmup/model.pth "
+         "--selection {base}/mada/select_madav2 --out {base}/mada/stage1_madav2",
+         "{base}/mada/stage1_madav2/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage1_madav2/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAv2 step 2 (5% images, semi-sup.)", method="mada", labels="5% of target images (20)", steps=[
+        ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_madav2/model.pth "
+         "--out {base}/mada/features/target_stage1_madav2", "{base}/mada/features/target_stage1_madav2/final.json"),
+        ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_stage1_madav2 "
+         "--out {base}/mada/anchors/target_stage1_madav2", "{base}/mada/anchors/target_stage1_madav2/final.json"),
+        ("{py} mada/train_stage2_semi.py --seed {seed} --init-from {base}/mada/stage1_madav2/model.pth "
+         "--anchors {base}/mada/anchors/target_stage1_madav2 --selection {base}/mada/select_madav2 "
+         "--out {base}/mada/stage2_semi_madav2", "{base}/mada/stage2_semi_madav2/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage2_semi_madav2/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="Random 5% images + MADA stage 1", method="mada", labels="5% of target images (20, random)", steps=[
+        ("{py} mada/select_active.py --criterion random --seed {seed} --features {base}/mada/features/target_warmup "
+         "--out {base}/mada/select_random", "{base}/mada/select_random/final.json"),
+        ("{py} mada/train_stage1.py --seed {seed} --init-from {base}/mada/warmup/model.pth "
+         "--selection {base}/mada/select_random --out {base}/mada/stage1_random",
+         "{base}/mada/stage1_random/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage1_random/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- d2ada ----
+    dict(name="D2ADA warm-up (UDA, AdaptSegNet)", method="d2ada", labels="none", steps=[
+        ("{py} d2ada/superpixels.py --summary {base}/d2ada_superpixels.json", "{base}/d2ada_superpixels.json"),
+        ("{py} d2ada/warmup.py --seed {seed} --out {base}/d2ada_warmup", "{base}/d2ada_warmup/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_warmup/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="D2ADA (5 rounds, 5% target pixels)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+        ("{py} d2ada/train_ada.py --seed {seed} --init-from {base}/d2ada_warmup/model.pth --out {base}/d2ada_ada",
+         "{base}/d2ada_ada/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_ada/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    *[dict(name=f"D2ADA after round {r} ({r}% target pixels)", method="d2ada", labels=f"{r}% of target pixels",
+           steps=[("{py} d2ada/test.py --checkpoint {base}/d2ada_ada/checkpoint%02d.pth --split test --out {run}/eval" % r,
+                   "{run}/eval/final.json")], result="{run}/eval/final.json") for r in (1, 2, 3, 4)],
+    dict(name="D2ADA baseline: random regions (5%)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+        ("{py} d2ada/train_ada.py --selection random --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
+         "--out {base}/d2ada_random", "{base}/d2ada_random/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_random/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+        ("{py} d2ada/train_ada.py --selection uncertainty --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
+         "--out {base}/d2ada_uncertainty", "{base}/d2ada_uncertainty/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_uncertainty/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- madan ----
+    # MADAN (16 classes: toy_synthia + toy_gta5 -> toy_cityscapes). Steps shared between these pipelines live
+    # in {base}/madan/ and are skipped once done (their final.json exists), so each runs once per seed.
+    dict(name="MADAN: single source toy_synthia (no adapt.)", method="madan", labels="none", steps=[
+        ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
+         "{base}/madan/classifiers/toy_gta5/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/classifiers/toy_synthia/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAN: single source toy_gta5 (no adapt.)", method="madan", labels="none", steps=[
+        ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
+         "{base}/madan/classifiers/toy_gta5/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/classifiers/toy_gta5/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAN: both sources combined (no adapt.)", method="madan", labels="none", steps=[
+        ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/combined/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAN: pixel level (DSC+SAD+CCD)", method="madan", labels="none", steps=[
+        ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
+         "{base}/madan/classifiers/toy_gta5/final.json"),
+        ("{py} madan/train_translation.py --seed {seed} --out {base}/madan/translation --classifiers "
+         "{base}/madan/classifiers/toy_synthia/model.pth,{base}/madan/classifiers/toy_gta5/model.pth",
+         "{base}/madan/translation/final.json"),
+        ("{py} madan/translate.py --checkpoint {base}/madan/translation/model.pth --out {base}/madan/translated",
+         "{base}/madan/translated/translate.json"),
+        ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/segmenter --source-root "
+         "{base}/madan/translated/toy_synthia,{base}/madan/translated/toy_gta5", "{base}/madan/segmenter/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/segmenter/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAN: pixel + feature level (ADDA)", method="madan", labels="none", steps=[
+        ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
+         "{base}/madan/classifiers/toy_gta5/final.json"),
+        ("{py} madan/train_translation.py --seed {seed} --out {base}/madan/translation --classifiers "
+         "{base}/madan/classifiers/toy_synthia/model.pth,{base}/madan/classifiers/toy_gta5/model.pth",
+         "{base}/madan/translation/final.json"),
+        ("{py} madan/translate.py --checkpoint {base}/madan/translation/model.pth --out {base}/madan/translated",
+         "{base}/madan/translated/translate.json"),
+        ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/segmenter --source-root "
+         "{base}/madan/translated/toy_synthia,{base}/madan/translated/toy_gta5", "{base}/madan/segmenter/final.json"),
+        ("{py} madan/train_adda.py --seed {seed} --out {base}/madan/adda --init-from {base}/madan/segmenter/model.pth "
+         "--source-root {base}/madan/translated/toy_synthia,{base}/madan/translated/toy_gta5",
+         "{base}/madan/adda/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/adda/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MDAN (2 sources)", method="madan", labels="none", steps=[
+        ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
+        ("{py} madan/train_mdan.py --seed {seed} --out {base}/madan/mdan --init-from {base}/madan/combined/model.pth",
+         "{base}/madan/mdan/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/mdan/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADAN: oracle (target labels, 16 cl.)", method="madan", labels="100% (all target train)", steps=[
+        ("{py} madan/train_segmenter.py --seed {seed} --source toy_cityscapes --num-classes 16 "
+         "--out {base}/madan/oracle16", "{base}/madan/oracle16/final.json"),
+        ("{py} madan/test.py --checkpoint {base}/madan/oracle16/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- ssada ----
+    # SS-ADA rows: BiSeNetV1-R18 from scratch, toy GTA5-style source -> toy Cityscapes-style target.
+    dict(name="SS-ADA: source only (BiSeNet)", method="ssada", labels="none", steps=[
+        ("{py} ssada/train_ssada.py --source-only --seed {seed} --out {base}/ssada_source",
+         "{base}/ssada_source/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_source/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: Entropy-IoU 5%", method="ssada", labels="5% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.05 --seed {seed} --out {base}/ssada_entropy_iou_5",
+         "{base}/ssada_entropy_iou_5/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_5/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: Entropy-IoU 10%", method="ssada", labels="10% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.1 --seed {seed} --out {base}/ssada_entropy_iou_10",
+         "{base}/ssada_entropy_iou_10/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_10/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.25 --seed {seed} --out {base}/ssada_entropy_iou_25",
+         "{base}/ssada_entropy_iou_25/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_25/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: random 5%", method="ssada", labels="5% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.05 --seed {seed} --out {base}/ssada_random_5",
+         "{base}/ssada_random_5/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_random_5/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: random 10%", method="ssada", labels="10% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.1 --seed {seed} --out {base}/ssada_random_10",
+         "{base}/ssada_random_10/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_random_10/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: random 25%", method="ssada", labels="25% of target images", steps=[
+        ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.25 --seed {seed} --out {base}/ssada_random_25",
+         "{base}/ssada_random_25/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_random_25/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="SS-ADA: oracle 100% (BiSeNet)", method="ssada", labels="100% (all target train)", steps=[
+        ("{py} ssada/train_ssada.py --init-ratio 1 --total-ratio 1 --seed {seed} --out {base}/ssada_oracle",
+         "{base}/ssada_oracle/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/ssada_oracle/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # TUFL rows: toy Cityscapes-style source (13 classes) -> toy CrossCity-style target (Test split).
+    # The source-only row evaluates the phase-1 model of the same TUFL run.
+    dict(name="TUFL: source only (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+        ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/tufl/source_model.pth --target toy_crosscity --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="TUFL: focal, fixed tau (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+        ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/tufl/model.pth --target toy_crosscity --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+        ("{py} ssada/train_tufl.py --thresholds adaptive --seed {seed} --out {base}/tufl_adaptive",
+         "{base}/tufl_adaptive/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/tufl_adaptive/model.pth --target toy_crosscity --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
 ]
 
 

@@ -1,0 +1,259 @@
+"""MaxSquare (Chen et al., ICCV 2019, ZJULearning/MaxSquareLoss): adaptation by the maximum squares
+loss on the target, from a labelled source to an unlabelled target, starting from a source-only
+checkpoint (train_source.py: MaxSquare's stage 1) or from backbone weights.
+
+    MS:  L_t = -sum_{n,c,h,w} P^2 / (2 N C H W)                                   (Sec. 3.2)
+    IW:  L_t = -sum_{n,c,h,w} w_{n,h,w} P^2 / (N C),
+         w = 1 / max(N_c^alpha * N^(1 - alpha), 1), N_c = pixels of image n predicted as the pixel's
+         argmax class, N = pixels of image n, alpha = 0.2                            (Sec. 3.3)
+    entropy (MaxSquare's MinEnt baseline): L_t = -sum P log P / (N C H W)
+    L = CE(P_s) [+ 0.1 CE(P_s_aux)] + lambda_t L_t(P_t)
+        [+ 0.1 lambda_t CE(P_t_aux, y_hat)]     --multi 1: self-produced guidance (Sec. 3.4):
+         y_hat = argmax (P_t + P_t_aux)/2 where max P_t > 0.95 or max P_t_aux > 0.95, else ignored
+
+Toy domains (no arguments; starts from runs/advent_maxsquare/source/model.pth when it exists):
+    python advent_maxsquare/train_maxsquare.py
+    python advent_maxsquare/train_maxsquare.py --target-loss iw_maxsquare --out runs/advent_maxsquare/iw_maxsquare
+GTA5 -> Cityscapes, DeepLabV2-R101, MS+IW+Multi, from a multi-level source-only checkpoint (README recipe):
+    python advent_maxsquare/train_maxsquare.py --source gta5 --source-root /data/GTA5 \
+        --target cityscapes --target-root /data/cityscapes --init-from runs/gta5_source/model.pth \
+        --target-loss iw_maxsquare --multi 1 --lambda-target 0.09
+SYNTHIA -> Cityscapes, 16 classes (mIoU16 and mIoU13 reported): ... --source synthia --num-classes 16
+Several processes:
+    torchrun --nproc_per_node=2 advent_maxsquare/train_maxsquare.py
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
+
+import torch
+import torch.nn.functional as F
+
+from common import cli, runtime as rt
+from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
+from common.evaluate import evaluate
+from common.losses import cross_entropy
+from common.metrics import format_table
+from common.models import make_segmenter, segmenter_from_checkpoint
+from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
+
+SOURCE_CKPT = "runs/advent_maxsquare/source/model.pth"  # what train_source.py writes with no arguments
+# Defaults. PAPER: MaxSquare's solve_gta5.py and README (SGD 2.5e-4 restarted, momentum 0.9, wd 5e-4; poly
+# 0.9 over 2 epochs of GTA5 train = 2 x 12,403 iterations; batch 1; lambda_target 0.1; the multi-level
+# recipe uses lambda_target 0.09).
+# TOY: a few hundred iterations from the toy source-only model (single-level, as train_source.py trains
+# it by default), a larger lr and batch; lambda_target as the paper.
+PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None, iters=24806,
+             stop_iter=24806, batch_size=1, lr=2.5e-4, multi=0, lambda_target=0.1,
+             eval_every=2000, save_every=2000, out="runs/advent_maxsquare/maxsquare")
+TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", init_from=SOURCE_CKPT, iters=300,
+           batch_size=8, lr=2.5e-3, multi=0, lambda_target=0.1,
+           eval_every=100, save_every=100, out="runs/advent_maxsquare/maxsquare")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_args(p)
+    g = p.add_argument_group("method (MaxSquare)")
+    g.add_argument("--target-loss", default="maxsquare", choices=["maxsquare", "iw_maxsquare", "entropy"],
+                   help="loss on the target's main output (MS, MS+IW, or the MinEnt baseline)")
+    g.add_argument("--lambda-target", type=float, default=None, help="weight of the target loss (paper 0.1)")
+    g.add_argument("--iw-ratio", type=float, default=0.2, help="alpha of the image-wise class-balanced weight")
+    g.add_argument("--threshold", type=float, default=0.95, help="confidence of self-produced guidance (--multi 1)")
+    g.add_argument("--init-from", default=None, help="source-only checkpoint (model.pth of train_source.py), "
+                   "loaded strictly; 'scratch' = use --init instead (toy default: " + SOURCE_CKPT + " if present)")
+    g.add_argument("--multi", type=int, default=None, choices=[0, 1],
+                   help="multi-level: aux head with source CE and self-produced guidance on the target")
+    g.add_argument("--lambda-seg", type=float, default=0.1, help="weight of the aux CE with --multi 1")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
+    g.add_argument("--blur", type=int, default=1, choices=[0, 1], help="Gaussian blur p 0.5, radius U(0,1) (MaxSquare)")
+    g.add_argument("--freeze-bn", action="store_true", help="freeze BN affine params (AdaptSegNet/ADVENT)")
+    g.add_argument("--two-branch", action="store_true", help="upstream 2-branch ASPP bug (compatibility)")
+    args = p.parse_args(argv)
+    explicit_init_from = args.init_from is not None
+    cli.fill_defaults(args, TOY, PAPER)
+    cli.default_num_classes(args)
+    if not explicit_init_from and args.init_from == SOURCE_CKPT and not Path(SOURCE_CKPT).exists():
+        args.init_from = "scratch (toy default: " + SOURCE_CKPT + " not found)"
+    if args.init is not None and not explicit_init_from and args.init != "scratch":
+        args.init_from = "scratch (--init given)"
+    if args.init_from and not args.init_from.startswith("scratch") and not Path(args.init_from).is_file():
+        p.error(f"--init-from: no checkpoint at {args.init_from} (train one with advent_maxsquare/train_source.py)")
+    if args.init_from is None and args.init is None:
+        p.error("on real data pass --init-from SOURCE_CHECKPOINT or --init BACKBONE_WEIGHTS (or --init scratch)")
+    return args
+
+
+# ---- method: MaxSquare's losses (Sec. 3.2 maximum squares, Sec. 3.3 image-wise weights, Sec. 3.4 guidance)
+def maxsquare_loss(prob):
+    """-mean_{n,c,h,w}(P^2) / 2 (Sec. 3.2): the gradient grows linearly with P, not like entropy's."""
+    return -prob.float().pow(2).mean() / 2
+
+
+def iw_maxsquare_loss(prob, alpha=0.2):
+    """-sum_{n,c,h,w} w * P^2 / (N*C), w = 1 / max(N_c^alpha * N^(1-alpha), 1) per pixel, N_c counted per
+    image over argmax classes (Sec. 3.3). Upstream multiplies (B,H,W) weights into (B,C,H,W) probabilities,
+    which broadcasts correctly only for batch 1; here each image's weight map is applied to its own P."""
+    prob = prob.float()
+    b, c = prob.shape[:2]
+    arg = prob.detach().argmax(1)  # (B,H,W)
+    n_c = torch.stack([torch.bincount(a.flatten(), minlength=c) for a in arg]).float()  # (B,C)
+    n = n_c.sum(1, keepdim=True)  # pixels per image
+    w_class = 1 / torch.clamp(n_c.pow(alpha) * n.pow(1 - alpha), min=1)  # (B,C)
+    w = torch.gather(w_class, 1, arg.flatten(1)).view_as(arg)  # (B,H,W): the weight of each pixel's class
+    return -(prob.pow(2) * w.unsqueeze(1)).sum() / (b * c)
+
+
+def entropy_loss(logits):
+    """MaxSquare's MinEnt baseline (softCrossEntropy(P, P)): -mean_{n,c,h,w}(P * log P), natural log."""
+    logits = logits.float()
+    return -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).mean()
+
+
+def self_produced_guidance(prob, prob_aux, threshold=0.95):
+    """Sec. 3.4: the aux head's pseudo-label is argmax (P + P_aux)/2 where either head is confident
+    (max P > threshold or max P_aux > threshold), else ignore (255)."""
+    prob, prob_aux = prob.detach().float(), prob_aux.detach().float()
+    confident = (prob.max(1).values > threshold) | (prob_aux.max(1).values > threshold)
+    label = ((prob + prob_aux) / 2).argmax(1)
+    return torch.where(confident, label, torch.full_like(label, 255))
+
+
+def target_loss(name, logits, alpha):
+    if name == "maxsquare":
+        return maxsquare_loss(F.softmax(logits.float(), 1))
+    if name == "iw_maxsquare":
+        return iw_maxsquare_loss(F.softmax(logits.float(), 1), alpha)
+    return entropy_loss(logits)
+# ---- end of method's losses -------------------------------------------------------------------------
+
+
+def upsample(pred, size, levels):
+    """Logits of each level, upsampled (bilinear, align_corners=True) to the input size."""
+    return {l: F.interpolate(pred[l], size=size, mode="bilinear", align_corners=True) for l in levels}
+
+
+def main(args):
+    rank, world, device = rt.setup_distributed(args.device)
+    rt.seed_everything(args.seed + rank)
+    amp = rt.amp_dtype(args.amp, device)
+    out = rt.prepare_run_dir(args.out, args, rank, args.resume)
+    log = rt.RunLogger(out, rank, args.tensorboard)
+    rt.print_config(args, rank)
+
+    # ---- model -----------------------------------------------------------------------------------
+    if args.init_from and not args.init_from.startswith("scratch"):
+        model, mcfg = segmenter_from_checkpoint(args.init_from)  # strict: any key mismatch is an error
+        if mcfg["num_classes"] != args.num_classes:
+            raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, the data {args.num_classes}")
+    else:
+        model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
+                                     multi_level=bool(args.multi), two_branch=args.two_branch)
+    log.log({"event": "init", "init_from": args.init_from, "init": args.init, "config": mcfg})
+    if args.multi and not mcfg["multi_level"]:
+        raise SystemExit(f"--multi 1 needs an aux head, which this {mcfg['model']} has not (a checkpoint from "
+                         "train_source.py without --multi, or DeepLabV3+): retrain with --multi or pass --multi 0")
+    levels = ["out", "aux"] if args.multi else ["out"]
+    if args.freeze_bn:
+        rt.freeze_bn_affine(model)
+    model = model.to(device, memory_format=rt.memory_format(amp)).train()
+
+    # ---- data ------------------------------------------------------------------------------------
+    src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
+    tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
+    crop = args.crop_size or DOMAINS[src][3]
+    crop_t = DOMAINS[tgt][3]
+    aug = ([RandomHFlip()] if args.random_mirror else []) + ([GaussianBlur()] if args.blur else [])
+    source = train_set(src, src_root, args.num_classes, mcfg["norm"], Compose([Resize(crop)] + aug))
+    target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], Compose([Resize(crop_t)] + aug),
+                       with_labels=False)
+    val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+
+    # ---- optimiser, resume -----------------------------------------------------------------------
+    optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay)
+    scaler = rt.grad_scaler(device, amp)
+    start, best = 0, {"mIoU": -1.0}
+    if args.resume and (out / "checkpoint.pth").exists():
+        ck = rt.load_checkpoint(out / "checkpoint.pth")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        start, best = ck["iter"], ck["best"]
+        log.log({"event": "resumed", "iter": start})
+    ddp = rt.wrap_ddp(model, device, world, find_unused=mcfg["multi_level"] and not args.multi)
+    batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
+    batches_t = infinite_loader(target, args.batch_size, args.seed + 1, start, args.workers, rank, world)
+
+    # ---- training loop ---------------------------------------------------------------------------
+    t0 = time.time()
+    for it in range(start, args.stop_iter):
+        lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it, args.iters))
+        batch, batch_t = next(batches), next(batches_t)
+        x, y = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
+        x_t = rt.to_device(batch_t["image"], device, amp)
+        optimizer.zero_grad(set_to_none=True)
+        # -- method: (1) source CE; (2) target: lambda_t L_t(P_t) [+ self-produced guidance on the aux head] --
+        with rt.autocast(device, amp):
+            pred = upsample(ddp(x), y.shape[-2:], levels)
+            loss_main = cross_entropy(pred["out"], y)
+            loss = loss_main + (args.lambda_seg * cross_entropy(pred["aux"], y) if args.multi else 0)
+        scaler.scale(loss).backward()
+        with rt.autocast(device, amp):
+            pred_t = upsample(ddp(x_t), x_t.shape[-2:], levels)
+            loss_t = args.lambda_target * target_loss(args.target_loss, pred_t["out"], args.iw_ratio)
+            if args.multi:
+                guide = self_produced_guidance(F.softmax(pred_t["out"].float(), 1),
+                                               F.softmax(pred_t["aux"].float(), 1), args.threshold)
+                loss_t = loss_t + args.lambda_seg * args.lambda_target * cross_entropy(pred_t["aux"], guide)
+        scaler.scale(loss_t).backward()
+        logs = {"loss_target": loss_t.item()}
+        # -- end of method --
+        scaler.step(optimizer)
+        scaler.update()
+        if it % 20 == 0 or it + 1 == args.stop_iter:
+            log.log({"iter": it, "lr": lr, "loss": loss.item(), "loss_main": loss_main.item(), **logs,
+                     "s_per_iter": (time.time() - t0) / (it - start + 1)})
+
+        # ---- evaluate, checkpoint ---------------------------------------------------------------
+        last = it + 1 == args.stop_iter
+        if (it + 1) % args.eval_every == 0 or last:
+            res = evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
+                           workers=args.workers, save_dir=out / "predictions" if last else None)
+            if res["mIoU"] > best["mIoU"]:
+                best = {"mIoU": res["mIoU"], "iter": it + 1}
+                if rank == 0:
+                    rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
+            log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
+        if (it + 1) % args.save_every == 0 or last:
+            rngs = [None] * world
+            if world > 1:
+                torch.distributed.all_gather_object(rngs, rt.rng_state())
+            else:
+                rngs = [rt.rng_state()]
+            if rank == 0:
+                rt.save_checkpoint(out / "checkpoint.pth", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                   scaler=scaler.state_dict(), iter=it + 1, rng=rngs, best=best, config=mcfg)
+                (out / "snapshots").mkdir(exist_ok=True)
+                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                   config=mcfg, iter=it + 1)
+
+    # ---- save ------------------------------------------------------------------------------------
+    if rank == 0:
+        rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
+        final = {"last": res, "best": best, "iters": args.stop_iter,
+                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
+        rt.save_json(out / "final.json", final)
+        (out / "iou_table.md").write_text(format_table(res) + "\n")
+        print(format_table(res))
+        print(f"[done] last mIoU {res['mIoU']:.2f} (best {best['mIoU']:.2f} @ {best.get('iter')}) -> {out}")
+    rt.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,103 @@
+"""Evaluate MADA / MADAv2 checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA
+models), the per-class IoU table, optional flip TTA, colour-coded predictions. Protocol: images at the
+evaluation size, logits upsampled to the full label resolution (upstream MADA evaluates Cityscapes val
+at 2048x1024 input; here the shared 1024x512 input of common.datasets, see README).
+
+    L = nothing (evaluation only)
+
+Toy (no arguments: the MADA stage-2 model on the toy target val split):
+    python mada/test.py
+The held-out toy test split (what the benchmark reports):
+    python mada/test.py --checkpoint runs/mada/stage2_semi/model.pth --split test
+Cityscapes val, flip TTA:
+    python mada/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes --flip
+torchrun (the evaluation is sharded and the confusion matrix all-reduced):
+    torchrun --nproc_per_node=2 mada/test.py
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
+
+from common import runtime as rt
+from common.datasets import eval_set, resolve_domain
+from common.evaluate import evaluate
+from common.metrics import format_table
+from common.models import segmenter_from_checkpoint
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/mada/stage2/model.pth", help="model.pth of a run")
+    p.add_argument("--ensemble", default=None, help="second checkpoint; logits averaged 0.5/0.5")
+    p.add_argument("--snapshots", default=None, help="folder of snapshot checkpoints: also report the best one")
+    p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
+    p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
+    p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
+    p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
+                   "(default: CHECKPOINT's folder/eval_SPLIT)")
+    return p.parse_args(argv)
+
+
+def main(args):
+    rank, world, device = rt.setup_distributed(args.device)
+    amp = rt.amp_dtype(args.amp, device)
+    model, cfg = segmenter_from_checkpoint(args.checkpoint)
+    model = model.to(device, memory_format=rt.memory_format(amp))
+    other = None
+    if args.ensemble:
+        other, cfg2 = segmenter_from_checkpoint(args.ensemble)
+        if (cfg2["num_classes"], cfg2["norm"]) != (cfg["num_classes"], cfg["norm"]):
+            raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
+        other = other.to(device, memory_format=rt.memory_format(amp))
+    tgt, _, root = resolve_domain(args.target, args.target_root, "target")
+    data = eval_set(tgt, root, cfg["num_classes"], cfg["norm"], args.split)
+    split = args.split or "val"
+    out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
+                   save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
+                   rank=rank, world_size=world, workers=args.workers, ensemble=other)
+    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
+              "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
+              "seconds": round(time.time() - t0, 1)}
+    # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label
+    # them: 'best' is selected on this very split, so it is optimistic.
+    if args.snapshots:
+        scan = {}
+        for snap in sorted(Path(args.snapshots).glob("*.pth")):
+            m, _ = segmenter_from_checkpoint(snap)
+            m = m.to(device, memory_format=rt.memory_format(amp))
+            scan[snap.name] = evaluate(m, data, cfg["num_classes"], device, amp, args.flip, rank=rank,
+                                       world_size=world, workers=args.workers)["mIoU"]
+        if scan:
+            name = max(scan, key=scan.get)
+            report["snapshots"] = scan
+            report["best_snapshot"] = {"name": name, "mIoU": scan[name],
+                                       "note": f"selected on {split}: optimistic, not comparable to 'last'"}
+    if rank == 0:
+        rt.save_json(out / "final.json", report)
+        (out / "iou_table.md").write_text(format_table(res) + "\n")
+        print(format_table(res))
+        line = f"[test] {tgt}/{split}: last mIoU {res['mIoU']:.2f}"
+        for k in ("mIoU16", "mIoU13"):
+            if k in res:
+                line += f"  {k} {res[k]:.2f}"
+        if "best_snapshot" in report:
+            line += f"  | best snapshot {report['best_snapshot']['name']} {report['best_snapshot']['mIoU']:.2f} (on {split})"
+        print(line + f" -> {out}")
+    rt.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,144 @@
+"""Evaluate SS-ADA / TUFL checkpoints (BiSeNetV1, or any segda segmenter) on the target: mIoU (13-class
+for CrossCity), the per-class IoU table, colour-coded predictions. Two modes, as upstream's
+evaluate_single_gpu: 'whole' (the image at the evaluation size in one pass) and 'sliding' (windows of
+--crop-size H,W with stride 2/3 of the window, softmax probabilities summed; the last window of a row or
+column is moved back inside the image, so any crop shape works, also one larger than the image).
+
+    L = nothing (evaluation only)
+
+Toy (no arguments: the default SS-ADA run's model on the toy target val split):
+    python ssada/test.py
+The held-out toy test split (what the benchmark reports), sliding window:
+    python ssada/test.py --checkpoint runs/ssada/ssada/model.pth --split test --mode sliding --crop-size 48,64
+TUFL on the toy CrossCity-style target (13 classes):
+    python ssada/test.py --checkpoint runs/ssada/tufl/model.pth --target toy_crosscity
+Cityscapes val, sliding 512x1024 windows on the full-resolution image:
+    python ssada/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes \
+        --mode sliding --crop-size 512,1024 --eval-size 1024,2048
+torchrun (the evaluation is sharded and the confusion matrix all-reduced):
+    torchrun --nproc_per_node=2 ssada/test.py
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common import cli, labels as L, runtime as rt
+from common.bisenet import any_segmenter_from_checkpoint
+from common.datasets import CITY_GROUPS, DOMAINS, build_dataset, eval_loader, resolve_domain
+from common.evaluate import evaluate
+from common.metrics import ConfusionMatrix, format_table
+from common.transforms import Compose, Resize
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/ssada/ssada/model.pth", help="model.pth of a run")
+    p.add_argument("--target", default="toy", help="target domain (toy | toy_crosscity | cityscapes | crosscity ...)")
+    p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
+    p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
+    p.add_argument("--city", default="Rome", help="CrossCity city (Rome | Rio | Taipei | Tokyo)")
+    p.add_argument("--mode", default="whole", choices=["whole", "sliding"], help="whole image or sliding window")
+    p.add_argument("--crop-size", type=cli.hw, default=None, help="sliding window H,W (default: half the eval size)")
+    p.add_argument("--eval-size", type=cli.hw, default=None, help="input size H,W (default: the domain's)")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
+                   "(default: CHECKPOINT's folder/eval_SPLIT)")
+    return p.parse_args(argv)
+
+
+def windows(size, win, stride):
+    """Start offsets of windows of length `win` covering [0, size): stride steps, the last one moved
+    back so that it ends at the border (one window at 0 when win >= size)."""
+    if win >= size:
+        return [0]
+    starts = list(range(0, size - win, stride)) + [size - win]
+    return sorted(set(starts))
+
+
+@torch.no_grad()
+def sliding_logits(model, x, crop_hw, num_classes, amp=None):
+    """Sum of softmax probabilities of the main head over sliding windows, stride 2/3 of the window
+    (upstream), divided by the number of windows covering each pixel. Returns (B, C, H, W) probabilities."""
+    b, _, h, w = x.shape
+    ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
+    total = torch.zeros(b, num_classes, h, w, device=x.device)
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    for r in windows(h, ch, max(1, int(ch * 2 / 3))):
+        for c in windows(w, cw, max(1, int(cw * 2 / 3))):
+            with rt.autocast(x.device, amp):
+                out = model(x[:, :, r:r + ch, c:c + cw])["out"]
+            total[:, :, r:r + ch, c:c + cw] += F.interpolate(out.float(), size=(ch, cw), mode="bilinear",
+                                                             align_corners=True).softmax(1)
+            count[:, :, r:r + ch, c:c + cw] += 1
+    return total / count
+
+
+@torch.no_grad()
+def evaluate_sliding(model, dataset, num_classes, crop_hw, device, amp=None, save_dir=None, n_save=8,
+                     rank=0, world_size=1, workers=2):
+    was = model.training
+    model.eval()
+    conf = ConfusionMatrix(num_classes, device)
+    if save_dir is not None and rank == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    saved = 0
+    for batch in eval_loader(dataset, 1, workers, rank, world_size):
+        x = rt.to_device(batch["image"], device, amp)
+        y = batch["label"].to(device)
+        prob = sliding_logits(model, x, crop_hw, num_classes, amp)
+        pred = F.interpolate(prob, size=y.shape[-2:], mode="bilinear", align_corners=True).argmax(1)
+        conf.update(pred, y)
+        if save_dir is not None and rank == 0 and saved < n_save:
+            Image.fromarray(L.colorize(pred[0].cpu().numpy(), num_classes)).save(
+                Path(save_dir) / f"{Path(batch['name'][0]).stem}_pred.png")
+            saved += 1
+    model.train(was)
+    return (conf.all_reduce() if world_size > 1 else conf).summary()
+
+
+def main(args):
+    rank, world, device = rt.setup_distributed(args.device)
+    amp = rt.amp_dtype(args.amp, device)
+    model, cfg = any_segmenter_from_checkpoint(args.checkpoint)
+    model = model.to(device, memory_format=rt.memory_format(amp)).eval()
+    tgt, kind, root = resolve_domain(args.target, args.target_root, "target")
+    split = args.split or DOMAINS[tgt][2]
+    size = args.eval_size or DOMAINS[tgt][4]  # images resized to it; labels kept at full resolution
+    data = build_dataset(kind, root, split, cfg["num_classes"], Compose([Resize(size, resize_label=False)]),
+                         cfg["norm"], cities=CITY_GROUPS.get(tgt), city=args.city)
+    out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    crop = args.crop_size or (max(1, size[0] // 2), max(1, size[1] // 2))
+
+    t0 = time.time()
+    save = out / "predictions" if args.save_predictions else None
+    if args.mode == "whole":
+        res = evaluate(model, data, cfg["num_classes"], device, amp, save_dir=save, n_save=args.save_predictions,
+                       rank=rank, world_size=world, workers=args.workers)
+    else:
+        res = evaluate_sliding(model, data, cfg["num_classes"], crop, device, amp, save, args.save_predictions,
+                               rank, world, args.workers)
+    report = {"checkpoint": str(args.checkpoint), "target": tgt, "split": split, "mode": args.mode,
+              "crop_size": list(crop) if args.mode == "sliding" else None, "last": res, "mIoU": res["mIoU"],
+              "images": len(data), "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        rt.save_json(out / "final.json", report)
+        (out / "iou_table.md").write_text(format_table(res) + "\n")
+        print(format_table(res))
+        print(f"[test] {tgt}/{split} ({args.mode}): mIoU {res['mIoU']:.2f} -> {out}")
+    rt.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(parse_args())

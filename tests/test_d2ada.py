@@ -1,0 +1,229 @@
+"""D2ADA (d2ada/): superpixels, region statistics, density / uncertainty selection against direct
+evaluations of the paper's formulas, budget, round-robin and no-hang guarantees, and the four scripts
+end to end on a tiny copy of the toy domains (with resume)."""
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import ROOT, run_script
+from d2ada import regions as R, selection as S
+
+
+# ---------------------------------------------------------------------------------------------- regions
+def test_slic_ids_contiguous_and_aligned():
+    rng = np.random.default_rng(0)
+    img = np.zeros((48, 80, 3), np.uint8)
+    img[:, 40:] = (200, 30, 30)
+    img[20:, :] += rng.integers(0, 40, (28, 80, 3), dtype=np.uint8)
+    ids = R.slic_regions(img, n_segments=12)
+    assert ids.shape == img.shape[:2] and ids.dtype == np.uint8
+    assert sorted(np.unique(ids).tolist()) == list(range(int(ids.max()) + 1))  # 0..K-1, no gaps
+    assert ids.max() >= 1
+
+
+def test_region_stats_against_direct_masked_mean():
+    g = torch.Generator().manual_seed(0)
+    feat, logits = torch.randn(20, 5, 7, generator=g), torch.randn(6, 5, 7, generator=g)
+    sp = torch.randint(0, 9, (17, 23), generator=g)
+    sp[0, :9] = torch.arange(9)  # every id present
+    st = R.region_stats(feat, logits, sp, chunk=7)  # chunking must not change anything
+    up_f = F.interpolate(feat[None], size=(17, 23), mode="bilinear", align_corners=True)[0]
+    p = F.softmax(F.interpolate(logits[None], size=(17, 23), mode="bilinear", align_corners=True)[0], 0)
+    ent = (-p * torch.log2(p + 1e-12)).mean(0)
+    for r in range(9):
+        m = sp == r
+        assert torch.allclose(st["feat"][r], up_f[:, m].mean(1), atol=1e-5)
+        assert torch.allclose(st["prob"][r], p[:, m].mean(1), atol=1e-6)
+        assert abs(float(st["entropy"][r]) - float(ent[m].mean())) < 1e-6
+        assert int(st["pixels"][r]) == int(m.sum())
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def _blobs(n, dim, shift, rng):
+    return (rng.standard_normal((n, dim)) + shift).astype(np.float32)
+
+
+def test_density_score_equals_direct_gmm_log_likelihoods():
+    from sklearn.mixture import GaussianMixture
+    rng = np.random.default_rng(1)
+    src = np.concatenate([_blobs(150, 4, 0, rng), _blobs(150, 4, 3, rng)])
+    trg = np.concatenate([_blobs(120, 4, 0.5, rng), _blobs(230, 4, 3.5, rng)])
+    s_cls, t_cls = np.repeat([0, 1], 150), np.repeat([0, 1], [120, 230])
+    out = S.density_scores(src, s_cls, trg, t_cls, classes=[0, 1], workers=2)
+    for c in (0, 1):
+        idx, d = out[c]
+        x = trg[t_cls == c].astype(np.float64)
+        k = int(np.clip(len(x) // 100, 1, 10))
+        gs = GaussianMixture(k, covariance_type="full", random_state=0, max_iter=200).fit(src[s_cls == c].astype(np.float64))
+        gt = GaussianMixture(k, covariance_type="full", random_state=0, max_iter=200).fit(x)
+        assert (idx == np.flatnonzero(t_cls == c)).all()
+        np.testing.assert_allclose(d, gs.score_samples(x) - gt.score_samples(x), rtol=1e-6, atol=1e-6)
+    # ordering: lowest d first inside a class; weights int(log10|mean d|), at least 1
+    order, scores, weights = S.density_order(out, np.ones(len(trg), bool), per_class=5)
+    assert len(order) == 10 and all(w >= 1 for w in weights.values())
+    first = [s for r, s in zip(order, scores) if t_cls[r] == 0]
+    assert first == sorted(first)
+    assert weights[1] == max(1, int(np.log10(abs(out[1][1].mean()))))
+
+
+def test_uncertainty_order_and_dynamic_lambda():
+    ent = np.array([0.1, 0.5, 0.3, 0.5, 0.9])
+    pool = np.array([True, True, True, True, False])
+    order, sc = S.uncertainty_order(ent, pool)
+    assert order == [1, 3, 2, 0] and sc == [0.5, 0.5, 0.3, 0.1]
+    lams = [S.dynamic_lambda(t) for t in range(1, 6)]
+    assert lams == [1.0, 0.5, 0.25, 0.125, 0.0625]  # first selection: density only, never negative
+    assert S.dynamic_lambda(0) == 1.0 and S.dynamic_lambda(1, alpha=3) == 1.0
+
+
+def test_budget_overshoots_by_less_than_one_region():
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(10, 500, 400)
+    trg = {"feat": rng.standard_normal((400, 3)), "prob": rng.dirichlet(np.ones(3), 400),
+           "entropy": rng.random(400), "pixels": pixels}
+    src = {"feat": rng.standard_normal((300, 3)), "prob": rng.dirichlet(np.ones(3), 300)}
+    for method, lam in (("d2ada", 0.5), ("d2ada", 1.0), ("random", 0), ("uncertainty", 0), ("density", 1)):
+        for budget in (1, 999, 5000):
+            picks, _ = S.select_round(trg, src, np.ones(400, bool), budget, lam, method)
+            got = [r for r, _, _ in picks]
+            used = int(pixels[got].sum())
+            assert len(set(got)) == len(got)
+            assert used >= budget and used - budget < pixels.max(), (method, budget, used)
+            assert used - int(pixels[got[-1]]) < budget  # without its last region it was under budget
+    chosen, used = S.fill_budget([0, 1, 2], pixels, 0)
+    assert chosen == [] and used == 0  # a budget <= 0 selects nothing (upstream selects one region)
+
+
+def test_round_robin_terminates_on_adversarial_weights():
+    lists = [list(range(5)), ["a", "b"], [], [7, 8, 9]]
+    for w in ([0, -3, 1, 0], [float("nan"), 0, 0, -1], [10 ** 9, 0, 2, 1], [1]):
+        out = S.weighted_round_robin(lists, w)
+        assert sorted(map(str, out)) == sorted(map(str, [x for lst in lists for x in lst]))
+    assert S.weighted_round_robin([[1, 2, 3], [4, 5]], [2, 1]) == [1, 2, 4, 3, 5]
+    assert S.class_weight(np.zeros(4)) == 1 and S.class_weight(np.array([-0.5, 0.1])) == 1
+    assert S.class_weight(np.full(3, -2500.0)) == 3
+
+
+def test_selection_terminates_with_threads_and_many_classes(tmp_path):
+    """Upstream forks a process pool after BLAS/OpenMP threads exist and can hang forever; ours fits in
+    this process. A busy torch + BLAS process with 40 classes must finish well within the limit."""
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        import numpy as np, torch
+        torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)   # threads exist
+        np.random.default_rng(0).standard_normal((400, 400)) @ np.ones((400, 400))
+        from d2ada import selection as S
+        rng = np.random.default_rng(0)
+        n, c = 4000, 40
+        trg = {{"feat": rng.standard_normal((n, 16)), "prob": rng.dirichlet(np.ones(c), n),
+               "entropy": rng.random(n), "pixels": rng.integers(1, 100, n)}}
+        src = {{"feat": rng.standard_normal((n, 16)) + 0.3, "prob": rng.dirichlet(np.ones(c), n)}}
+        picks, info = S.select_round(trg, src, np.ones(n, bool), 20000, 0.5, threads=2, workers=2)
+        print("OK", len(picks), info["used_density_px"] > 0)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "OK" in p.stdout and "True" in p.stdout, p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny(toy_root, tmp_path_factory):
+    """A small copy of the toy GTA5-style source and Cityscapes-style target (real layouts)."""
+    root = tmp_path_factory.mktemp("d2ada_tiny")
+    gsrc, gdst = toy_root / "toy_gta5", root / "gta"
+    names = (gsrc / "lists" / "train.txt").read_text().split()[:10]
+    for sub in ("images", "labels"):
+        (gdst / sub).mkdir(parents=True)
+        for n in names:
+            shutil.copy(gsrc / sub / n, gdst / sub / n)
+    (gdst / "lists").mkdir()
+    (gdst / "lists" / "train.txt").write_text("\n".join(names) + "\n")
+    (gdst / "lists" / "val.txt").write_text("\n".join(names[:2]) + "\n")
+    csrc, cdst = toy_root / "toy_cityscapes", root / "city"
+    for split, k in (("train", 10), ("val", 3), ("test", 3)):
+        imgs = sorted((csrc / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[:k]
+        for p in imgs:
+            city, stem = p.parent.name, p.name[: -len("_leftImg8bit.png")]
+            for a, b in ((p, cdst / "leftImg8bit" / split / city / p.name),
+                         (csrc / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+                          cdst / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")):
+                b.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(a, b)
+    return root
+
+
+def data_args(tiny):
+    return ["--source", "toy_gta5", "--source-root", tiny / "gta", "--target", "toy_cityscapes",
+            "--target-root", tiny / "city", "--workers", "0"]
+
+
+def test_scripts_end_to_end_and_resume(tiny, tmp_path):
+    # superpixels: mirrored tree, aligned with the images, resumable
+    p = run_script("d2ada/superpixels.py", "--dataset", "toy_cityscapes", "--data-root", tiny / "city")
+    imgs = sorted((tiny / "city" / "leftImg8bit" / "train").glob("*/*.png"))
+    for im in imgs:
+        sp = np.asarray(Image.open(R.superpixel_path(tiny / "city", im)))
+        assert sp.shape == np.asarray(Image.open(im)).shape[:2]
+        assert sorted(np.unique(sp).tolist()) == list(range(int(sp.max()) + 1))
+    p = run_script("d2ada/superpixels.py", "--dataset", "toy_cityscapes", "--data-root", tiny / "city")
+    assert f"{len(imgs)} done already" in p.stdout
+    run_script("d2ada/superpixels.py", "--dataset", "toy_gta5", "--data-root", tiny / "gta")
+
+    w = tmp_path / "warmup"
+    run_script("d2ada/warmup.py", *data_args(tiny), "--iters", 2, "--batch-size", 2, "--eval-every", 2,
+               "--out", w)
+    assert (w / "model.pth").exists() and json.loads((w / "final.json").read_text())["warmup"] == "uda_warmup"
+
+    a = tmp_path / "ada"
+    common = [*data_args(tiny), "--init-from", w / "model.pth", "--rounds", 2, "--iters", 2, "--batch-size", 2,
+              "--active-selection-size", 1, "--source-sample", 6, "--pictures", 2]
+    run_script("d2ada/train_ada.py", *common, "--out", a)
+    final = json.loads((a / "final.json").read_text())
+    pcts = [h["labeled_percent"] for h in final["rounds"]]
+    assert len(pcts) == 3 and pcts[0] == 0 and 0 < pcts[1] < pcts[2]
+    d0 = json.loads((a / "datalist_00.json").read_text())
+    assert set(d0) >= {"src_label_im_idx", "trg_label_im_idx", "trg_pool_im_idx", "trg_label_suppix", "trg_pool_suppix"}
+    assert {p["criterion"] for p in d0["selected"]} == {"density"}  # first selection: lambda = 1
+    for n, ids in d0["trg_label_suppix"].items():
+        assert not set(ids) & set(d0["trg_pool_suppix"].get(n, []))
+    assert list((a / "selections" / "round_00").glob("*.png"))
+    ck = torch.load(a / "checkpoint02.pth", weights_only=True)
+    assert ck["round"] == 2 and ck["labeled"]
+
+    # interrupted after round 1's training: the resumed run re-selects the same regions
+    b = tmp_path / "ada_resumed"
+    shutil.copytree(a, b)
+    for f in ("datalist_01.json", "checkpoint02.pth", "final.json", "model.pth"):
+        (b / f).unlink()
+    run_script("d2ada/train_ada.py", *common, "--out", b, "--resume")
+    d1a, d1b = (json.loads((x / "datalist_01.json").read_text()) for x in (a, b))
+    assert d1a["trg_label_suppix"] == d1b["trg_label_suppix"]
+    assert json.loads((b / "final.json").read_text())["rounds"][1] == final["rounds"][1]
+
+    t = run_script("d2ada/test.py", "--checkpoint", a / "model.pth", "--target", "toy_cityscapes",
+                   "--target-root", tiny / "city", "--split", "test", "--workers", 0, "--out", tmp_path / "eval")
+    assert "mIoU" in json.loads((tmp_path / "eval" / "final.json").read_text())
+
+
+def test_random_baseline_and_deeplabv2_variant(tiny, tmp_path):
+    run_script("d2ada/superpixels.py", "--dataset", "toy_cityscapes", "--data-root", tiny / "city")
+    run_script("d2ada/superpixels.py", "--dataset", "toy_gta5", "--data-root", tiny / "gta")
+    w = tmp_path / "warmup"
+    run_script("d2ada/warmup.py", *data_args(tiny), "--model", "deeplabv2", "--warmup", "sup_warmup",
+               "--iters", 1, "--batch-size", 2, "--out", w)
+    from d2ada.model import from_checkpoint
+    net, cfg = from_checkpoint(w / "model.pth")
+    assert cfg["model"] == "deeplabv2_d2ada" and net(torch.zeros(1, 3, 32, 64), return_feat=True)["feat"].shape[1] == 256
+    a = tmp_path / "rand"
+    run_script("d2ada/train_ada.py", *data_args(tiny), "--init-from", w / "model.pth", "--rounds", 1, "--iters", 1,
+               "--batch-size", 2, "--selection", "random", "--active-selection-size", 1, "--out", a)
+    d0 = json.loads((a / "datalist_00.json").read_text())
+    assert {p["criterion"] for p in d0["selected"]} == {"random"}

@@ -1,0 +1,234 @@
+"""MADA / MADAv2 (mada/): objective vectors, anchors, both selection scores, the anchor loss and update,
+the semi-supervised pieces, each against a direct evaluation of the paper's formula on small inputs;
+then every script end to end (tiny budgets) as one chain, resume, and the selection's file safety."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script
+from mada import core, semi
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+def direct_vectors(feat, logits, label, c, min_pixels):
+    b, d = feat.shape[:2]
+    pred = logits.argmax(1)
+    v, n = np.zeros((b, c, d)), np.zeros((b, c), int)
+    for i in range(b):
+        for k in range(c):
+            m = ((label[i] == k) & (pred[i] == k)).numpy()
+            n[i, k] = m.sum()
+            if m.sum() >= min_pixels:
+                v[i, k] = feat[i].numpy()[:, m].mean(1)
+    return v, n
+
+
+def test_objective_vectors_match_masked_mean():
+    g = torch.Generator().manual_seed(0)
+    feat, logits = torch.rand(3, 16, 8, 10, generator=g), torch.randn(3, 5, 8, 10, generator=g)
+    label = torch.randint(0, 5, (3, 8, 10), generator=g)
+    label[0, :2] = 255
+    label[1] = logits[1].argmax(0)                # target case: label = own prediction
+    v, n = core.objective_vectors(feat, logits, label, 5, min_pixels=10)
+    dv, dn = direct_vectors(feat, logits, label, 5, 10)
+    assert np.array_equal(n.numpy(), dn)
+    assert np.allclose(v.numpy(), dv, atol=1e-5)
+    assert (dn < 10).any() and (v.numpy()[dn < 10] == 0).all()   # absent classes keep zero rows
+
+
+def direct_distance(v, p, a, absent):
+    if absent == "zero" or not p.any():
+        return np.mean((v - a) ** 2)
+    return np.mean((v[p] - a[p]) ** 2)
+
+
+@pytest.mark.parametrize("absent", ["mask", "zero"])
+def test_selection_scores_match_formula(tmp_path, absent):
+    rng = np.random.default_rng(1)
+    n, c, d = 23, 4, 6
+    vec = rng.random((n, c, d)).astype(np.float32)
+    counts = rng.integers(0, 30, (n, c))
+    counts[3] = 0                                     # an image without any present class
+    vec[counts < 10] = 0
+    src, tgt = rng.random((3, c, d)).astype(np.float32), rng.random((5, c, d)).astype(np.float32)
+    mm = np.lib.format.open_memmap(tmp_path / "v.npy", mode="w+", dtype=np.float32, shape=vec.shape)
+    mm[:] = vec
+    mm.flush()
+    vec_mm = np.load(tmp_path / "v.npy", mmap_mode="r")
+    p = counts >= 10
+    s_mada = core.selection_scores(vec_mm, counts, src, None, "mada", 10, absent)
+    s_v2 = core.selection_scores(vec_mm, counts, src, tgt, "madav2", 10, absent)
+    for i in range(n):
+        ds = min(direct_distance(vec[i], p[i], a, absent) for a in src)
+        dt = min(direct_distance(vec[i], p[i], a, absent) for a in tgt)
+        assert s_mada[i] == pytest.approx(ds, rel=1e-5)
+        assert s_v2[i] == pytest.approx(ds + dt, rel=1e-5)
+
+
+def test_budget_topk_and_determinism():
+    assert core.budget_count(2975, 0.05, "floor") == 148 and core.budget_count(2975, 0.05, "round") == 149
+    assert core.budget_count(400, 0.05, "floor") == 20
+    s = np.array([0.1, 0.5, 0.5, 0.2, 0.9, 0.5])
+    assert core.top_k(s, 3).tolist() == [1, 2, 4]      # ties -> lower index
+    assert core.top_k(s, 3).tolist() == core.top_k(s.copy(), 3).tolist()
+
+
+def test_soft_anchor_loss_and_update_match_formula():
+    d = torch.tensor([[0.5, 2.0, 4.0], [1.0, 1.0, 3.0]])
+    w = 1 / d
+    assert torch.allclose(core.soft_anchor_loss(d), (w * d).sum(1) / w.sum(1))
+    assert torch.allclose(core.soft_anchor_loss(d), 3 / (1 / d).sum(1))
+    # gradient flows into the features through d
+    v = torch.rand(1, 2, 4, requires_grad=True)
+    a = torch.rand(3, 2, 4)
+    core.soft_anchor_loss(core.anchor_distances(v, torch.ones(1, 2, dtype=torch.bool), a)).sum().backward()
+    assert v.grad.abs().sum() > 0
+    for absent in ("mask", "zero"):
+        anchors = torch.rand(3, 2, 4)
+        before = anchors.clone()
+        vec, present = torch.rand(1, 2, 4), torch.tensor([[True, False]])
+        dd = core.anchor_distances(vec, present, anchors, absent)
+        k = int(dd.argmin())
+        core.update_nearest_anchor(anchors, vec, present, dd, 0.999, absent)
+        expect = before.clone()
+        rows = [0] if absent == "mask" else [0, 1]
+        expect[k, rows] = 0.999 * before[k, rows] + 0.001 * vec[0, rows]
+        assert torch.allclose(anchors, expect)
+
+
+def test_kmeans_anchors_seeded_and_masked_rows():
+    rng = np.random.default_rng(0)
+    vec = rng.random((60, 3, 8)).astype(np.float32)
+    counts = rng.integers(0, 30, (60, 3))
+    vec[counts < 10] = 0
+    a1, p1, s1, _ = core.kmeans_anchors(vec, counts, k=4, niter=5, seed=3)
+    a2, p2, s2, _ = core.kmeans_anchors(vec, counts, k=4, niter=5, seed=3)
+    assert np.array_equal(a1, a2) and np.array_equal(s1, s2)
+    pres = counts >= 10
+    for j in range(4):
+        for c in range(3):
+            m = (s1 == j) & pres[:, c]
+            if m.any():
+                assert np.allclose(a1[j, c], vec[m, c].mean(0), atol=1e-5) and p1[j, c]
+    az, pz, _, _ = core.kmeans_anchors(vec, counts, k=4, niter=5, seed=3, absent="zero")
+    assert pz.all() and az.shape == (4, 3, 8)
+
+
+# ---------------------------------------------------------------------------------------------- semi
+def test_weighted_consistency_and_entropy_filter():
+    g = torch.Generator().manual_seed(0)
+    logits, t = torch.randn(2, 4, 5, 6, generator=g), torch.randn(2, 4, 5, 6, generator=g)
+    conf, lab = F.softmax(t, 1).max(1)
+    lab[0, 0, 0] = 255
+    loss = semi.weighted_consistency(logits, lab, conf, torch.zeros(4), gamma=2.0)   # r = 0: every pixel kept
+    ce = F.cross_entropy(logits, lab, ignore_index=255, reduction="none")
+    w = conf ** 2 * (lab != 255)
+    assert loss.item() == pytest.approx(((w * ce).sum() / w.sum()).item(), rel=1e-5)
+    lab_f, _ = semi.entropy_filter(t, 25.0, "high")
+    p = F.softmax(t, 1)
+    ent = -(p * torch.log(p + 1e-10)).sum(1)
+    dropped = lab_f == 255
+    assert ent[dropped].min() >= ent[~dropped].max()          # the most uncertain quarter is ignored
+    assert abs(dropped.float().mean().item() - 0.25) < 0.05
+    lab_l, _ = semi.entropy_filter(t, 25.0, "low")
+    assert ent[lab_l == 255].max() <= ent[lab_l != 255].min()  # upstream's inverted filter
+
+
+def test_cutmix_bank_and_box():
+    pred = np.zeros((10, 12), int)
+    pred[2:5, 3:9] = 7
+    assert tuple(semi.class_box(pred, 7, 0.005, np.random.default_rng(0))) == (2, 3, 5, 9)
+    x, lg = torch.rand(2, 3, 10, 12), torch.rand(2, 19, 10, 12)
+    m = semi.box_mask((2, 3, 5, 9), 10, 12, "cpu")
+    xm, lm = semi.cutmix_pair(x, lg, m)
+    assert torch.equal(xm[0], x[0] * (1 - m) + x[1] * m) and torch.equal(lm[1], lg[1] * (1 - m) + lg[0] * m)
+    bank = torch.zeros(19, 5)
+    semi.update_bank(bank, torch.from_numpy(pred)[None], [2], 0.1)
+    assert bank[:, 2].nonzero().flatten().tolist() == [0, 7]
+    idx, c = semi.sample_from_bank(bank, torch.zeros(19), np.random.default_rng(0))
+    assert 0 <= idx < 5 and 0 <= c < 19
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+TINY = ["--iters", "2", "--batch-size", "2", "--eval-every", "2", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, toy_root):
+    """warmup -> features -> anchors -> select (madav2) -> stage 1 -> features -> anchors, tiny budgets."""
+    o = tmp_path_factory.mktemp("mada")
+    run_script("mada/warmup.py", "--out", o / "warmup", *TINY)
+    f = ["--max-images", "12", "--workers", "0", "--checkpoint", o / "warmup/model.pth"]
+    run_script("mada/save_features.py", "--domain", "source", "--out", o / "fs", *f)
+    run_script("mada/save_features.py", "--domain", "target", "--out", o / "ft", *f)
+    run_script("mada/cluster_anchors.py", "--features", o / "fs", "--out", o / "as", "--k", "3")
+    run_script("mada/cluster_anchors.py", "--features", o / "ft", "--out", o / "at", "--k", "3")
+    sel = ["--features", o / "ft", "--source-anchors", o / "as", "--target-anchors", o / "at", "--budget", "0.2"]
+    run_script("mada/select_active.py", "--criterion", "madav2", "--out", o / "sel", "--sheet", "2", *sel)
+    run_script("mada/train_stage1.py", "--init-from", o / "warmup/model.pth", "--selection", o / "sel",
+               "--out", o / "st1", *TINY)
+    run_script("mada/save_features.py", "--domain", "target", "--out", o / "f1", "--max-images", "12",
+               "--workers", "0", "--checkpoint", o / "st1/model.pth")
+    run_script("mada/cluster_anchors.py", "--features", o / "f1", "--out", o / "a1", "--k", "3")
+    return o, sel
+
+
+def test_chain_outputs(chain):
+    o, _ = chain
+    vec = np.load(o / "fs/vectors.npy", mmap_mode="r")
+    meta = json.loads((o / "fs/meta.json").read_text())
+    assert vec.shape == (12, 19, 256) and len(meta["names"]) == 12 and not list(o.glob("fs/*.tmp*"))
+    z = np.load(o / "as/anchors.npz", allow_pickle=False)
+    assert z["anchors"].shape == (3, 19, 256)
+    sel = json.loads((o / "sel/selected.json").read_text())
+    assert sel["n_selected"] == 2 and (o / "sel/selected.txt").read_text().split() == sel["names"]
+    assert (o / "sel/contact_sheet.png").exists()
+    ck = torch.load(o / "st1/model.pth", weights_only=True)
+    assert ck["labeled"] == sel["names"]
+
+
+def test_selection_deterministic_and_never_overwritten(chain):
+    from mada import select_active                     # in-process: the subprocess path is in `chain`
+    o, sel = chain
+    sel = [str(x) for x in sel]
+    first = (o / "sel/selected.json").read_text()
+    select_active.main(select_active.parse_args(["--criterion", "madav2", "--out", str(o / "sel"), "--sheet", "0", *sel]))
+    assert json.loads((o / "sel/selected.json").read_text())["names"] == json.loads(first)["names"]
+    aside = sorted(o.glob("sel.old-*"))
+    assert aside and (aside[0] / "selected.json").read_text() == first      # moved aside, intact
+    # a run that fails (missing anchors) leaves the selection in place, moves nothing, writes no partial file
+    with pytest.raises(FileNotFoundError, match="anchors file not found"):
+        select_active.main(select_active.parse_args(["--criterion", "madav2", "--out", str(o / "sel"), "--sheet", "0",
+                                                     "--features", str(o / "ft"), "--source-anchors", str(o / "nowhere")]))
+    assert (o / "sel/selected.json").read_text() == first and len(list(o.glob("sel.old-*"))) == len(aside)
+    assert not list(o.glob("sel*/*.tmp*"))
+    for name in ("r1", "r2"):
+        select_active.main(select_active.parse_args(["--criterion", "random", "--out", str(o / name), "--sheet", "0",
+                                                     *sel]))
+    assert (o / "r1/selected.txt").read_text() == (o / "r2/selected.txt").read_text()
+
+
+def test_stage2_semi_test_and_resume(chain):
+    o, _ = chain
+    common = ["--init-from", o / "st1/model.pth", "--anchors", o / "a1", "--selection", o / "sel"]
+    run_script("mada/train_stage2.py", *common, "--out", o / "st2", *TINY)
+    run_script("mada/train_stage2_semi.py", *common, "--out", o / "semi", "--anchor-start", "1", *TINY)
+    ck = torch.load(o / "semi/checkpoint.pth", weights_only=True)
+    assert ck["iter"] == 2 and ck["bank"].shape[0] == 19 and "class_conf" in ck
+    p = run_script("mada/train_stage2_semi.py", *common, "--out", o / "semi", "--anchor-start", "1", "--resume",
+                   "--iters", "3", "--batch-size", "2", "--eval-every", "3", "--workers", "0")
+    assert "resumed" in p.stdout and torch.load(o / "semi/checkpoint.pth", weights_only=True)["iter"] == 3
+    # resume refuses another labelled set
+    bad = o / "other.txt"
+    bad.write_text("leftImg8bit/train/x.png\n")
+    from mada import train_stage1
+    args = train_stage1.parse_args(["--init-from", str(o / "warmup/model.pth"), "--selection", str(bad),
+                                    "--out", str(o / "st1"), "--resume", *TINY])
+    with pytest.raises(SystemExit, match="differs from the labelled set"):
+        train_stage1.main(args)
+    run_script("mada/test.py", "--checkpoint", o / "st2/model.pth", "--split", "test", "--out", o / "ev",
+               "--workers", "0", "--save-predictions", "0")
+    assert 0 <= json.loads((o / "ev/final.json").read_text())["mIoU"] <= 100
