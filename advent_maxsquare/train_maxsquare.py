@@ -151,10 +151,12 @@ def main(args):
         model, mcfg = segmenter_from_checkpoint(args.init_from)  # strict: any key mismatch is an error
         if mcfg["num_classes"] != args.num_classes:
             raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, the data {args.num_classes}")
+        init = {"init_from": args.init_from}
     else:
         model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
                                      multi_level=bool(args.multi), two_branch=args.two_branch)
-    log.log({"event": "init", "init_from": args.init_from, "init": args.init, "config": mcfg})
+        init = {"init_from": args.init_from, "init": args.init}
+    log.log({"event": "init", **init, "config": mcfg})
     if args.multi and not mcfg["multi_level"]:
         raise SystemExit(f"--multi 1 needs an aux head, which this {mcfg['model']} has not (a checkpoint from "
                          "train_source.py without --multi, or DeepLabV3+): retrain with --multi or pass --multi 0")

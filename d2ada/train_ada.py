@@ -52,14 +52,15 @@ from d2ada.warmup import set_bn_eval
 PAPER = dict(iters=120000, batch_size=1, lr=2.5e-4, crop_size=(1024, 2048), freeze_bn=1, save_every=2000,
              source_sample=2500, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
 TOY = dict(iters=60, batch_size=8, lr=5e-3, crop_size=(64, 128), freeze_bn=0, save_every=20,
-           source_sample=200, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
+           source_sample=100, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     g = p.add_argument_group("method (D2ADA active rounds)")
-    g.add_argument("--init-from", default=None, help="warm-up model (d2ada/warmup.py's model.pth)")
+    g.add_argument("--init-from", default=None, help="warm-up model (d2ada/warmup.py's model.pth); it fixes "
+                   "the network, so --model/--backbone/--init are not used here")
     g.add_argument("--rounds", type=int, default=5, help="active rounds after the warm-up round 0")
     g.add_argument("--active-selection-size", type=float, default=None, help="budget per round in image-"
                    "equivalents of pixels (default: 1%% of the target train images: 29 for Cityscapes)")

@@ -207,8 +207,10 @@ def main(args):
         # ---- evaluate, checkpoint ---------------------------------------------------------------
         last = it + 1 == args.stop_iter
         if (it + 1) % args.eval_every == 0 or last or it + 1 == args.source_iters:
+            state = rt.rng_state()  # evaluation must not move the training RNG (exact resume; its loader draws a seed)
             res = evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
                            workers=args.workers, save_dir=out / "predictions" if last else None)
+            rt.set_rng_state(state)
             if res["mIoU"] > best["mIoU"] and not phase1:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
                 if rank == 0:

@@ -266,23 +266,28 @@ def test_minent_and_maxsquare_start_from_a_checkpoint(tmp_path, tiny, advent_run
     assert rep["ensemble"] == str(m / "model.pth") and rep["images"] == 4 and 0 <= rep["mIoU"] <= 100
 
 
-def test_init_from_fails_loudly(tmp_path, tiny, advent_run):
-    # a checkpoint whose weights do not match its config: strict loading names the keys
+def test_init_from_fails_loudly(tmp_path, tiny, advent_run, capsys):
+    """In-process (no subprocess needed to see an error): strict loading names the keys."""
+    from common.models import WeightLoadError
+    args = [str(v) for v in (*tiny, *TINY)]
+    # a checkpoint whose weights do not match its config
     state = torch.load(advent_run / "model.pth", map_location="cpu", weights_only=True)
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("head_aux")}
     torch.save(state, tmp_path / "broken.pth")
-    p = run_script("advent_maxsquare/train_maxsquare.py", *tiny, *TINY, "--init-from", tmp_path / "broken.pth",
-                   "--out", tmp_path / "o1", check=False)
-    assert p.returncode != 0 and "missing keys" in p.stderr and "head_aux" in p.stderr
+    with pytest.raises(WeightLoadError, match="missing keys: head_aux"):
+        maxsq.main(maxsq.parse_args(args + ["--init-from", str(tmp_path / "broken.pth"),
+                                            "--out", str(tmp_path / "o1")]))
     # a valid single-level checkpoint asked to adapt at two levels
     state["config"]["multi_level"] = False
     torch.save(state, tmp_path / "single.pth")
-    p = run_script("advent_maxsquare/train_adaptseg.py", *tiny, *TINY, "--init-from", tmp_path / "single.pth",
-                   "--multi", "1", "--out", tmp_path / "o3", check=False)
-    assert p.returncode != 0 and "needs an aux head" in p.stderr
-    p = run_script("advent_maxsquare/train_advent.py", *tiny, *TINY, "--init-from", tmp_path / "nope.pth",
-                   "--out", tmp_path / "o2", check=False)
-    assert p.returncode != 0 and "nope.pth" in p.stderr
+    with pytest.raises(SystemExit, match="needs an aux head"):
+        adaptseg.main(adaptseg.parse_args(args + ["--init-from", str(tmp_path / "single.pth"), "--multi", "1",
+                                                  "--out", str(tmp_path / "o2")]))
+    # a path that does not exist: an argparse error naming it
+    with pytest.raises(SystemExit):
+        advent.parse_args(args + ["--init-from", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o3")])
+    err = capsys.readouterr().err
+    assert "nope.pth" in err and "--init-from" in err
 
 
 def test_torchrun_two_processes_with_discriminators(tmp_path, tiny):
