@@ -9,8 +9,8 @@ scripts of this folder, run in a subprocess; read the printed commands to see th
     python mada/run_pipeline.py --variants mada        # MADA only
     python mada/run_pipeline.py --quick                # a seconds-long smoke run (tiny budgets)
 
-Finished steps are skipped when run again (their final.json exists), so an interrupted pipeline
-continues where it stopped. Timings and test mIoUs go to OUT/pipeline.json.
+Finished steps are skipped when run again (their final.json exists) and an interrupted training step
+resumes from its checkpoint, so an interrupted pipeline continues where it stopped. Timings and test mIoUs go to OUT/pipeline.json.
 """
 import argparse
 import json
@@ -79,6 +79,9 @@ def main():
             print(f"[pipeline] {name}: done already ({done})", flush=True)
             continue
         full = [PY, str(ROOT / "mada" / cmd[0]), *cmd[1:]]
+        run_dir = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else None
+        if cmd[0].startswith(("warmup", "train_")) and run_dir and (run_dir / "checkpoint.pth").exists():
+            full.append("--resume")  # an interrupted training step continues from its last checkpoint
         print(f"[pipeline] {name}: {' '.join(full[1:])}", flush=True)
         t0 = time.time()
         subprocess.run(full, cwd=ROOT, check=True)

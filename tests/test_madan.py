@@ -159,8 +159,10 @@ def test_fcn8s_shapes_strict_vgg16_loading_and_checkpoint(tmp_path):
     import torchvision
     from common.fcn import load_vgg16_weights, make_segmenter, segmenter_from_checkpoint
     from common.models import WeightLoadError
-    vgg = torchvision.models.vgg16(weights=None)
-    sd = {k: v.half() for k, v in vgg.state_dict().items()}  # half: a smaller file, same keys and shapes
+    with torch.device("meta"):  # torchvision's VGG16 keys and shapes, without building the 138M weights
+        meta = torchvision.models.vgg16(weights=None).state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.rand(v.shape, generator=g).half() for k, v in meta.items()}  # half: a smaller file
     torch.save(sd, tmp_path / "vgg16.pth")
     net, cfg = make_segmenter("fcn8s", "vgg16", 3, str(tmp_path / "vgg16.pth"))
     assert cfg["norm"] == "imagenet" and cfg["model"] == "fcn8s"
@@ -173,7 +175,7 @@ def test_fcn8s_shapes_strict_vgg16_loading_and_checkpoint(tmp_path):
                tmp_path / "bad.pth")
     with pytest.raises(WeightLoadError, match="missing keys: fc6.bias, fc6.weight, fc7.bias, fc7.weight, features.0.bias"):
         load_vgg16_weights(net, tmp_path / "bad.pth")
-    del net, vgg, sd
+    del net, sd
     # checkpoints of the DeepLab models load through the same function (FCN8s ones: same code path)
     dl, dcfg = make_segmenter("deeplabv2", "resnet18", 3, "scratch", multi_level=False)
     torch.save({"model": dl.state_dict(), "config": dcfg}, tmp_path / "dl.pth")
@@ -216,9 +218,10 @@ def test_scripts_end_to_end_with_resume(tmp_path):
     from common.datasets import build_dataset, read_png16
     env = {"SEGDA_DATA": str(make_tiny_toy(tmp_path))}
     tiny = ["--batch-size", "1", "--workers", "0"]
+    small = ["--crop-size", "36,64"]
     run = lambda script, *a: run_script(f"madan/{script}", *a, env=env)  # noqa: E731
     # 1. per-source classifiers (DSC), 2 iterations each
-    run("train_classifiers.py", "--iters", "2", "--eval-every", "2", *tiny, "--out", tmp_path / "cls")
+    run("train_classifiers.py", "--iters", "2", "--eval-every", "2", *tiny, *small, "--out", tmp_path / "cls")
     clf = ",".join(str(tmp_path / "cls" / s / "model.pth") for s in ("toy_synthia", "toy_gta5"))
     # 2. translation with every term active from the first step (DSC, SAD, CCD, HF-CCD), stopped and resumed
     tr = ["--classifiers", clf, "--epoch-iters", "1", "--max-epoch", "3", "--sad-frozen-epoch", "0",
@@ -246,14 +249,14 @@ def test_scripts_end_to_end_with_resume(tmp_path):
     assert (tmp_path / "translated" / "grid.png").exists()
     # 4. segmenter on the translated sources (aggregated)
     roots = ",".join(str(tmp_path / "translated" / s) for s in ("toy_synthia", "toy_gta5"))
-    run("train_segmenter.py", "--source-root", roots, "--iters", "2", "--eval-every", "2", *tiny, "--out", tmp_path / "seg")
+    run("train_segmenter.py", "--source-root", roots, "--iters", "2", "--eval-every", "2", *tiny, *small, "--out", tmp_path / "seg")
     fin = json.loads((tmp_path / "seg" / "final.json").read_text())
     assert fin["iters"] == 2 and fin["sources"] == ["toy_synthia", "toy_gta5"]
     # 5. ADDA on features with the gate open from the start; 6. MDAN; 7. test.py on the held-out split
     run("train_adda.py", "--source-root", roots, "--init-from", tmp_path / "seg" / "model.pth", "--discrim", "feat",
-        "--gate", "0", "--iters", "2", "--eval-every", "2", *tiny, "--out", tmp_path / "adda")
+        "--gate", "0", "--iters", "2", "--eval-every", "2", *tiny, *small, "--out", tmp_path / "adda")
     assert json.loads((tmp_path / "adda" / "final.json").read_text())["g_updates"] == 2
-    run("train_mdan.py", "--init-from", tmp_path / "seg" / "model.pth", "--iters", "2", "--eval-every", "2", *tiny,
+    run("train_mdan.py", "--init-from", tmp_path / "seg" / "model.pth", "--iters", "2", "--eval-every", "2", *tiny, *small,
         "--out", tmp_path / "mdan")
     run("test.py", "--checkpoint", tmp_path / "adda" / "model.pth", "--split", "test", "--workers", "0",
         "--out", tmp_path / "eval")
