@@ -11,7 +11,7 @@ aggregated by a soft-max over sources, so the worst source dominates.
 Toy (no arguments; fine-tunes the "sources combined" segmenter runs/madan/combined/model.pth):
     python madan/train_mdan.py
 From scratch instead:
-    python madan/train_mdan.py --init-from none --init scratch --iters 150 --out runs/madan/mdan_scratch
+    python madan/train_mdan.py --init-from none --init scratch --iters 120 --out runs/madan/mdan_scratch
 SYNTHIA + GTA5 -> Cityscapes, FCN8s-VGG16 (upstream: Adam 1e-4, batch 1, grad-norm clip 10):
     python madan/train_mdan.py --source synthia,gta5 --source-root /data/RAND_CITYSCAPES,/data/GTA5 \
         --target cityscapes --target-root /data/cityscapes --init /weights/vgg16-397923af.pth
@@ -40,11 +40,11 @@ from madan.util import SOURCES_HELP, average_gradients, fill_defaults, sources_o
 
 # Defaults. PAPER: upstream train_fcn_mdan.py (FCN8s-VGG16, Adam 1e-4 on segmenter and heads, batch 1 per
 # domain, gamma 10, mu 1e-2, "dynamic", clip 10, 100k iterations). TOY: fine-tune the toy "sources
-# combined" DeepLabV2-ResNet18 for 100 iterations, batch 2 per domain.
+# combined" DeepLabV2-ResNet18 for 60 iterations, batch 2 per domain.
 PAPER = dict(model="fcn8s", backbone="vgg16", init=None, iters=100000, batch_size=1, lr=1e-4, eval_every=5000,
              save_every=5000, init_from=None, out="runs/madan/mdan")
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=100, batch_size=2, lr=1e-4,
-           eval_every=100, save_every=100, init_from="runs/madan/combined/model.pth", out="runs/madan/mdan")
+TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=60, batch_size=2, lr=1e-4,
+           eval_every=60, save_every=60, init_from="runs/madan/combined/model.pth", out="runs/madan/mdan")
 
 
 def parse_args(argv=None):

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import run_script
 from common.bisenet import BiSeNetV1, bisenet_from_checkpoint, make_bisenet
