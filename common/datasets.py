@@ -278,8 +278,9 @@ def infinite_loader(dataset, batch_size, seed, start_iter=0, workers=2, rank=0, 
 def eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1):
     """Sequential loader over this rank's shard of the dataset (every item seen exactly once overall)."""
     idx = list(range(rank, len(dataset), world_size))
+    # its own generator: starting the loader must not draw from the global RNG (exact resume)
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size,
-                                       shuffle=False, num_workers=workers)
+                                       shuffle=False, num_workers=workers, generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------
