@@ -188,6 +188,10 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
+    if start >= args.stop_iter:  # resuming a finished run: nothing to do, its results are in OUT
+        log.log({"event": "already finished", "iter": start})
+        rt.cleanup_distributed()
+        return
     ddp = rt.wrap_ddp(model, device, world, find_unused=mcfg["multi_level"] and not args.multi)
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
     batches_t = infinite_loader(target, args.batch_size, args.seed + 1, start, args.workers, rank, world)

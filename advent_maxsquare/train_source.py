@@ -98,6 +98,10 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
+    if start >= args.stop_iter:  # resuming a finished run: nothing to do, its results are in OUT
+        log.log({"event": "already finished", "iter": start})
+        rt.cleanup_distributed()
+        return
     ddp = rt.wrap_ddp(model, device, world)
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
 
