@@ -35,3 +35,34 @@ def run_torchrun(script, *args, nproc=2, timeout=600):
 def toy_root():
     from common.toy import ensure_toy
     return ensure_toy()
+
+
+def _link_subset(src, dst, files):
+    for f in files:
+        rel = f.relative_to(src)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (dst / rel).exists():
+            (dst / rel).symlink_to(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(toy_root, tmp_path_factory):
+    """A few-image copy (symlinks) of the toy GTA5-style source and Cityscapes-style target, same layouts:
+    end-to-end tests pass it as --source-root/--target-root so that evaluation stays cheap."""
+    dst = tmp_path_factory.mktemp("tiny_toy")
+    src = toy_root / "toy_gta5"
+    names = sorted(p.name for p in (src / "images").iterdir())[:12]
+    _link_subset(src, dst / "toy_gta5", [src / d / n for d in ("images", "labels") for n in names])
+    (dst / "toy_gta5" / "lists").mkdir()
+    (dst / "toy_gta5" / "lists" / "train.txt").write_text("\n".join(names[:8]) + "\n")
+    (dst / "toy_gta5" / "lists" / "val.txt").write_text("\n".join(names[8:]) + "\n")
+    cs = toy_root / "toy_cityscapes"
+    files = []
+    for split in ("train", "val", "test"):
+        imgs = sorted((cs / "leftImg8bit" / split).rglob("*_leftImg8bit.png"))[:8 if split == "train" else 4]
+        for p in imgs:
+            files.append(p)
+            stem = p.name[: -len("_leftImg8bit.png")]
+            files.append(cs / "gtFine" / split / p.parent.name / f"{stem}_gtFine_labelIds.png")
+    _link_subset(cs, dst / "toy_cityscapes", files)
+    return dst
