@@ -214,7 +214,7 @@ def main():
         f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
     md = [f"# Performance: fp32 eager vs default (`--amp auto`)", "",
           f"Device: {cpu}; torch {torch.__version__}; {reps} interleaved repetitions per case, medians.", "",
-          "| training step | precision | median step (s) | speed-up vs fp32 | peak memory (MiB) |", "|---|---|---|---|---|"]
+          "| training step | precision | median step (s) | speed-up vs fp32 | RSS growth during the step (MiB; CUDA: peak allocated) |", "|---|---|---|---|---|"]
     md += [f"| {a} | {b} | {c:.3f} | {d:.2f}x | {e:.0f} |" for a, b, c, d, e in train_rows]
     md += ["", "| evaluation | precision | images/s |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c:.2f} |" for a, b, c in eval_rows]
