@@ -5,6 +5,7 @@ see the same machine state.
     python benchmark/perf.py                    # everything; writes benchmark/perf.md
     python benchmark/perf.py --quick            # fewer repetitions, no R101
     python benchmark/perf.py --compile          # also try torch.compile on the toy preset and R101
+    python benchmark/perf.py --cases r101 --compile --no-loading --reps 3   # torch.compile on R101 only
 
 Measures:
   1. training step (forward, CE loss, backward, SGD step) of DeepLabV2-ResNet-101 at 1x3x512x1024 and of the
@@ -187,15 +188,18 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per case")
     ap.add_argument("--quick", action="store_true", help="3 repetitions, no R101")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    ap.add_argument("--cases", nargs="+", choices=["toy", "r101"], default=None,
+                    help="training/eval cases to run (default: both; --quick: toy)")
+    ap.add_argument("--no-loading", action="store_true", help="skip the data-loading measurement")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="benchmark/perf.md")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     reps = 3 if args.quick else args.reps
-    cases = [("toy preset: DeepLabV2-R18 8x3x72x128", "resnet18", (8, 3, 72, 128))]
-    if not args.quick:
-        cases.append(("DeepLabV2-R101 1x3x512x1024", "resnet101", (1, 3, 512, 1024)))
+    which = args.cases or (["toy"] if args.quick else ["toy", "r101"])
+    cases = [c for k, c in [("toy", ("toy preset: DeepLabV2-R18 8x3x72x128", "resnet18", (8, 3, 72, 128))),
+                            ("r101", ("DeepLabV2-R101 1x3x512x1024", "resnet101", (1, 3, 512, 1024)))] if k in which]
     train_rows, eval_rows, comp_rows = [], [], []
     for name, bb, shape in cases:
         print(f"[perf] {name} ...", flush=True)
@@ -206,9 +210,11 @@ def main():
             print(f"[perf] torch.compile {name} ...", flush=True)
             comp_rows.append(bench_compile(name, built, amps, device, reps))
         del built
-    print("[perf] data loading ...", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        load_rows = bench_loading([0, 1, 2], 12 if args.quick else 24, tmp)
+    load_rows = []
+    if not args.no_loading:
+        print("[perf] data loading ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            load_rows = bench_loading([0, 1, 2], 12 if args.quick else 24, tmp)
 
     cpu = "CUDA " + torch.cuda.get_device_name() if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
@@ -218,9 +224,10 @@ def main():
     md += [f"| {a} | {b} | {c:.3f} | {d:.2f}x | {e:.0f} |" for a, b, c, d, e in train_rows]
     md += ["", "| evaluation | precision | images/s |", "|---|---|---|"]
     md += [f"| {a} | {b} | {c:.2f} |" for a, b, c in eval_rows]
-    md += ["", "| data loading (GTA5-sized: 1914x1052 PNG decode, scale 0.5-1.5, crop 1280x720, flip) | images/s |",
-           "|---|---|"]
-    md += [f"| {w} worker(s) | {r:.2f} |" for w, r in load_rows]
+    if load_rows:
+        md += ["", "| data loading (GTA5-sized: 1914x1052 PNG decode, scale 0.5-1.5, crop 1280x720, flip) | images/s |",
+               "|---|---|"]
+        md += [f"| {w} worker(s) | {r:.2f} |" for w, r in load_rows]
     if comp_rows:
         md += ["", "| torch.compile | precision | compile (s) | eager step (s) | compiled step (s) | steps to pay back |",
                "|---|---|---|---|---|---|"]

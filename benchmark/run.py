@@ -40,8 +40,26 @@ PIPELINES = [
          "{base}/oracle/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # ---- precision parity (fast-by-default issue): the same two rows trained in fp32 eager ----
+    dict(name="Source only (fp32 eager, parity)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_source.py --amp off --seed {seed} --out {base}/source_fp32",
+         "{base}/source_fp32/final.json"),
+        ("{py} advent_maxsquare/test.py --amp off --checkpoint {base}/source_fp32/model.pth --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="Oracle (fp32 eager, parity)", method="advent_maxsquare", labels="100% (all target train)", steps=[
+        ("{py} advent_maxsquare/train_source.py --amp off --source toy_cityscapes --seed {seed} "
+         "--out {base}/oracle_fp32", "{base}/oracle_fp32/final.json"),
+        ("{py} advent_maxsquare/test.py --amp off --checkpoint {base}/oracle_fp32/model.pth --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- advent_maxsquare: adaptation (issue: AdaptSegNet, ADVENT, MaxSquare) ----
     # Each starts from this seed's source-only model ({base}/source, built by "Source only" above).
+    # The control every adaptation row must beat: the source model trained 300 more iterations with the same
+    # schedule as the adaptation scripts but its target term off (same total budget, no target data used).
+    dict(name="Source only, continued (control)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/train_maxsquare.py --lambda-target 0 --seed {seed} "
+         "--init-from {base}/source/model.pth --out {base}/source_continued", "{base}/source_continued/final.json"),
+        ("{py} advent_maxsquare/test.py --checkpoint {base}/source_continued/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="AdaptSegNet (output-space adversarial)", method="advent_maxsquare", labels="none", steps=[
         ("{py} advent_maxsquare/train_adaptseg.py --seed {seed} --init-from {base}/source/model.pth "
          "--out {base}/adaptseg", "{base}/adaptseg/final.json"),
@@ -322,6 +340,67 @@ def bar_chart(rows, path):
     img.save(path)
 
 
+# Reference rows for the "gap closed" column: (source-only row, oracle row) of the same network and label space.
+REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
+        "mada": ("Source only", "Oracle (target labels)"),
+        "d2ada": ("Source only", "Oracle (target labels)"),
+        "madan": ("MADAN: both sources combined (no adapt.)", "MADAN: oracle (target labels, 16 cl.)"),
+        "ssada": ("SS-ADA: source only (BiSeNet)", "SS-ADA: oracle 100% (BiSeNet)")}
+
+
+def collect(p, seed, out):
+    """The finished result of one pipeline-seed on disk, or None."""
+    base = out / f"seed{seed}"
+    run = base / slug(p["name"])
+    res = Path(p["result"].format(py=PY, seed=seed, run=run, base=base))
+    if not res.exists():
+        return None
+    stats_file = run / "bench.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": float("nan"), "peak_mib": 0}
+    return {"mIoU": json.loads(res.read_text())["mIoU"], **stats}
+
+
+def report(out, seeds, results):
+    """Aggregate every pipeline's finished seeds on disk (not only those run now) into .md/.json/.png."""
+    rows = []
+    for p in PIPELINES:
+        per_seed = {s: r for s in seeds if (r := collect(p, s, out)) is not None}
+        if not per_seed:
+            continue
+        m = [r["mIoU"] for r in per_seed.values()]
+        secs = [r["seconds"] for r in per_seed.values() if r["seconds"] == r["seconds"]]
+        rows.append({"name": p["name"], "method": p["method"], "labels": p["labels"], "n": len(m),
+                     "seeds": sorted(per_seed), "mean": statistics.mean(m),
+                     "std": statistics.stdev(m) if len(m) > 1 else 0.0,
+                     "seconds": statistics.mean(secs) if secs else float("nan"),
+                     "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m})
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        src, orc = (by_name.get(n) for n in REFS.get(r["method"], ("", "")))
+        r["gap_closed"] = ((r["mean"] - src["mean"]) / (orc["mean"] - src["mean"])
+                           if src and orc and orc["mean"] != src["mean"] else None)
+    lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | "
+             "wall time / seed | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
+        lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} "
+                     f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {r['peak_mib']:.0f} MiB |")
+    md = "\n".join(lines) + (
+        f"\n\nSeeds asked: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
+        "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
+        "and label space (DeepLabV2-R18 19 classes for advent_maxsquare, mada, d2ada; the MADAN and SS-ADA rows "
+        "use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
+        f"row count once, there); machine: {os.cpu_count()} CPU cores.\n")
+    res = ROOT / results
+    res.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(res) + ".md").write_text(md)
+    Path(str(res) + ".json").write_text(json.dumps(rows, indent=2))
+    if rows:
+        bar_chart(rows, str(res) + ".png")
+    print(md)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -329,34 +408,25 @@ def main():
     ap.add_argument("--out", default="benchmark/out", help="working folder (runs, logs)")
     ap.add_argument("--results", default="benchmark/results", help="results prefix: .md and .png are written")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results on disk")
     args = ap.parse_args()
+    if args.only:
+        unknown = set(args.only) - {p["name"] for p in PIPELINES}
+        if unknown:
+            ap.error(f"unknown pipeline name(s) {sorted(unknown)}; see --list")
     chosen = [p for p in PIPELINES if args.only is None or p["name"] in args.only]
-    if args.list or not chosen:
+    if args.list:
         for p in PIPELINES:
             print(f"{p['name']:40s} [{p['method']}] {len(p['steps'])} steps")
         return
     out = (ROOT / args.out).resolve()
-    rows, t_all = [], time.time()
-    for p in chosen:
-        per_seed = [run_pipeline(p, s, out) for s in args.seeds]
-        m = [r["mIoU"] for r in per_seed]
-        rows.append({"name": p["name"], "method": p["method"], "labels": p["labels"], "n": len(m),
-                     "mean": statistics.mean(m), "std": statistics.stdev(m) if len(m) > 1 else 0.0,
-                     "seconds": statistics.mean(r["seconds"] for r in per_seed),
-                     "peak_mib": max(r["peak_mib"] for r in per_seed), "per_seed": m})
-    lines = ["| method | folder | target labels used | toy test mIoU | seeds | wall time / seed | peak RSS |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} | "
-                     f"{r['n']} | {r['seconds'] / 60:.1f} min | {r['peak_mib']:.0f} MiB |")
-    md = "\n".join(lines) + (f"\n\nSeeds {args.seeds}; wall time of steps actually run (cached steps count 0); "
-                              f"total {time.time() - t_all:.0f} s; machine: {os.cpu_count()} CPU cores.\n")
-    res = ROOT / args.results
-    res.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(res) + ".md").write_text(md)
-    Path(str(res) + ".json").write_text(json.dumps(rows, indent=2))
-    bar_chart(rows, str(res) + ".png")
-    print(md)
+    if not args.report:
+        t_all = time.time()
+        for p in chosen:
+            for s in args.seeds:
+                run_pipeline(p, s, out)
+        print(f"[bench] ran {len(chosen)} pipeline(s) x {len(args.seeds)} seed(s) in {time.time() - t_all:.0f} s")
+    report(out, args.seeds, args.results)
 
 
 if __name__ == "__main__":
