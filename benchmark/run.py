@@ -53,8 +53,14 @@ PIPELINES = [
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- advent_maxsquare: adaptation (issue: AdaptSegNet, ADVENT, MaxSquare) ----
     # Each starts from this seed's source-only model ({base}/source, built by "Source only" above).
-    # The control every adaptation row must beat: the source model trained 300 more iterations with the same
-    # schedule as the adaptation scripts but its target term off (same total budget, no target data used).
+    # AdaBN (no training): the source model with its BN statistics re-estimated on target train images. Every
+    # adaptation script forwards target batches in train mode, so it gets this effect too.
+    dict(name="Source only + AdaBN (target BN statistics)", method="advent_maxsquare", labels="none", steps=[
+        ("{py} advent_maxsquare/test.py --adabn --checkpoint {base}/source/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # The control every adaptation row must beat: the same script and schedule as the adaptation rows (300
+    # iterations from the source model, target batches forwarded in train mode so BN sees them) with the target
+    # loss weighted 0: same budget, same BN effect, no adaptation loss.
     dict(name="Source only, continued (control)", method="advent_maxsquare", labels="none", steps=[
         ("{py} advent_maxsquare/train_maxsquare.py --lambda-target 0 --seed {seed} "
          "--init-from {base}/source/model.pth --out {base}/source_continued", "{base}/source_continued/final.json"),
