@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import run_script, run_torchrun
 from mada import core, semi
 
 
@@ -232,3 +232,19 @@ def test_stage2_semi_test_and_resume(chain):
     run_script("mada/test.py", "--checkpoint", o / "st2/model.pth", "--split", "test", "--out", o / "ev",
                "--workers", "0", "--save-predictions", "0")
     assert 0 <= json.loads((o / "ev/final.json").read_text())["mIoU"] <= 100
+
+
+def test_stage2_and_semi_under_torchrun(chain):
+    """Two processes (gloo, CPU): the anchor update, the CutMix bank and the teacher run under DDP."""
+    o, sel = chain
+    # 4 labelled images so that each of the 2 ranks gets a batch of 2 (DeepLabV3+'s pooled ASPP branch
+    # needs more than one image per BN batch)
+    run_script("mada/select_active.py", "--criterion", "random", "--budget", "0.34", "--sheet", "0",
+               "--features", o / "ft", "--out", o / "sel4")
+    assert json.loads((o / "sel4/selected.json").read_text())["n_selected"] == 4
+    common = ["--init-from", o / "st1/model.pth", "--anchors", o / "a1", "--selection", o / "sel4", *TINY]
+    p = run_torchrun("mada/train_stage2.py", *common, "--out", o / "st2_ddp")
+    assert "[done]" in p.stdout and (o / "st2_ddp/model.pth").exists()
+    p = run_torchrun("mada/train_stage2_semi.py", *common, "--anchor-start", "1", "--out", o / "semi_ddp")
+    assert "[done]" in p.stdout
+    assert torch.load(o / "semi_ddp/checkpoint.pth", weights_only=True)["iter"] == 2

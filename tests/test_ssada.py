@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, run_torchrun
 from common.bisenet import BiSeNetV1, bisenet_from_checkpoint, make_bisenet
 from ssada.active import budget_plan, epoch_plan, image_scores, select
 from ssada.data import Pool, UnlabeledViews, cutmix_box, split_partner
@@ -356,3 +356,15 @@ def test_train_tufl_end_to_end_adaptive(tmp_path, tiny):
                "--save-predictions", "0")
     rep = json.loads((ev / "final.json").read_text())
     assert rep["images"] == 4 and "mIoU13" in rep["last"]
+
+
+def test_train_ssada_under_torchrun_selects_one_labeled_set(tmp_path, tiny, ssada_run):
+    """Two processes: acquisition scores are gathered from both ranks and every rank trains on the same
+    labelled set; the rounds' files are written once and match the single-process run's sizes."""
+    a, _ = ssada_run
+    out = tmp_path / "ddp"
+    p = run_torchrun("ssada/train_ssada.py", *ssada_args(tiny), *BUDGET, "--out", out)
+    assert "[done]" in p.stdout and "with 8/16 target images labeled" in p.stdout
+    lab = (out / "labeled.txt").read_text().split()
+    assert len(lab) == 8 == len(set(lab))
+    assert len((out / "rounds" / "round_01" / "selected.txt").read_text().split()) == 3
