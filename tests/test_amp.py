@@ -34,3 +34,39 @@ def test_autocast_is_active_and_losses_stay_fp32():
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
     with rt.autocast("cpu", None):
         assert model(x.float())["out"].dtype == torch.float32
+
+
+def _load(folder, name):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location(f"amp_{folder}_{name}", ROOT / folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_method_statistics_are_fp32_under_bf16_autocast():
+    """The issue's list: entropy and MaxSquare losses, GMM/region features, anchor distances, TUFL's focal
+    loss: computed in fp32 from bf16 network outputs, inside an active bf16 autocast region."""
+    ms = _load("advent_maxsquare", "train_maxsquare")
+    mada_core = _load("mada", "core")
+    d2_regions = _load("d2ada", "regions")
+    ss_losses = _load("ssada", "losses")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 19, 8, 12, generator=g).bfloat16()
+    feat = torch.randn(2, 16, 8, 12, generator=g).bfloat16()
+    with rt.autocast("cpu", torch.bfloat16):
+        assert torch.mm(torch.randn(4, 4), torch.randn(4, 4)).dtype == torch.bfloat16  # autocast is on
+        for name in ("maxsquare", "iw_maxsquare", "entropy"):
+            assert ms.target_loss(name, logits, 0.2).dtype == torch.float32, name
+        vec, counts = mada_core.objective_vectors(feat, logits, logits.argmax(1), 19, min_pixels=1)
+        anchors = torch.randn(3, 19, 16, generator=g)
+        assert vec.dtype == torch.float32
+        assert mada_core.anchor_distances(vec, counts >= 1, anchors).dtype == torch.float32
+        loss, *_ = mada_core.batch_anchor_loss(feat, logits, anchors, 19, min_pixels=1)
+        assert loss.dtype == torch.float32
+        sp = torch.randint(0, 5, (16, 24), generator=g)
+        st = d2_regions.region_stats(feat[0], logits[0], sp)
+        assert st["feat"].dtype == st["prob"].dtype == st["entropy"].dtype == torch.float32
+        fl, _ = ss_losses.unsup_focal_loss(logits, logits.flip(0), thresh=0.5)
+        assert fl.dtype == torch.float32
