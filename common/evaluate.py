@@ -33,7 +33,10 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
              rank=0, world_size=1, workers=2, ensemble=None):
     """mIoU of `model` on `dataset` (labels at full resolution). Runs in eval mode, restores the
     previous mode. Predictions of the first n_save images are saved as colour PNGs to save_dir.
-    ensemble: optional second model whose logits are averaged 0.5/0.5 with the first (ADVENT)."""
+    ensemble: optional second model whose logits are averaged 0.5/0.5 with the first (ADVENT).
+    Besides the IoUs, the summary's "confidence" holds, over labelled pixels: the mean prediction entropy
+    normalised by log C, the share predicted with max probability > 0.9, and the share of those that are
+    wrong (what entropy minimisation and self-training act on)."""
     models = [unwrap(model)] + ([unwrap(ensemble)] if ensemble is not None else [])
     modes = [m.training for m in models]
     for m in models:
@@ -42,16 +45,29 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
     if save_dir is not None and rank == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
     saved = 0
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # entropy sum, pixels, confident, confident wrong
     for batch in eval_loader(dataset, 1, workers, rank, world_size):
         x = to_device(batch["image"], device, amp)
         y = batch["label"].to(device)
         logits = sum(predict_logits(m, x, y.shape[-2:], amp, flip) for m in models) / len(models)
         pred = logits.argmax(1)
         conf.update(pred, y)
+        p = F.softmax(logits, 1)
+        valid = y != 255
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(1) / np.log(num_classes)
+        confident = (p.max(1).values > 0.9) & valid
+        stats += torch.stack([ent[valid].double().sum(), valid.sum().double(), confident.sum().double(),
+                              (confident & (pred != y)).sum().double()])
         if save_dir is not None and rank == 0 and saved < n_save:
             name = Path(batch["name"][0]).stem
             Image.fromarray(L.colorize(pred[0].cpu().numpy(), num_classes)).save(Path(save_dir) / f"{name}_pred.png")
             saved += 1
     for m, was in zip(models, modes):
         m.train(was)
-    return (conf.all_reduce() if world_size > 1 else conf).summary()
+    if world_size > 1:
+        torch.distributed.all_reduce(stats)
+    res = (conf.all_reduce() if world_size > 1 else conf).summary()
+    e, n, c, cw = stats.tolist()
+    res["confidence"] = {"mean_entropy": e / max(n, 1), "confident_share": c / max(n, 1),
+                         "confident_wrong_share": cw / max(c, 1)}
+    return res

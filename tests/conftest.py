@@ -21,8 +21,10 @@ def run_script(script, *args, timeout=600, env=None, check=True):
     return p
 
 
-def run_torchrun(script, *args, nproc=2, timeout=600):
+def run_torchrun(script, *args, nproc=2, timeout=600, env=None):
+    """Run a repository script under torchrun (--standalone, CPU/gloo), one thread per process."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)

@@ -298,3 +298,46 @@ def test_bad_labels_and_images_name_the_file(trees):
     Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(root / "gta/labels/00000.png")
     with pytest.raises(ValueError, match="00000.png has mode RGB"):
         build_dataset("gta5", root / "gta", "all")[0]
+
+
+def test_evaluate_miou_and_confidence_statistics_against_direct_computation():
+    """common.evaluate on a fixed-logit model: mIoU from the confusion matrix, and the confidence summary
+    (normalised entropy mean, share > 0.9, wrong share among those) computed directly over labelled pixels."""
+    import numpy as np
+    import torch.nn.functional as F
+    from common.evaluate import evaluate
+    from common.metrics import ConfusionMatrix
+
+    g = torch.Generator().manual_seed(0)
+    C, H, W = 13, 6, 8  # 13: CrossCity's label space (the smallest the metrics report)
+    logits = [6 * torch.randn(1, C, H, W, generator=g) for _ in range(3)]
+    labels = [torch.randint(0, C, (H, W), generator=g) for _ in range(3)]
+    labels[0][0, :3] = 255
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.i, self.w = 0, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = logits[self.i % 3]
+            self.i += 1
+            return {"out": out}
+
+    data = [{"image": torch.zeros(3, H, W), "label": y, "name": f"im{i}.png"} for i, y in enumerate(labels)]
+    res = evaluate(Fixed(), data, C, torch.device("cpu"), workers=0)
+    ent, n, conf, wrong = 0.0, 0, 0, 0
+    cm = ConfusionMatrix(C)
+    for lo, y in zip(logits, labels):
+        p = F.softmax(lo[0], 0)
+        v = y != 255
+        ent += float((-(p * p.log()).sum(0) / np.log(C))[v].sum())
+        n += int(v.sum())
+        hi = (p.max(0).values > 0.9) & v
+        conf += int(hi.sum())
+        wrong += int((hi & (p.argmax(0) != y)).sum())
+        cm.update(lo.argmax(1), y[None])
+    assert res["mIoU"] == pytest.approx(cm.summary()["mIoU"])
+    assert res["confidence"]["mean_entropy"] == pytest.approx(ent / n, rel=1e-5)
+    assert res["confidence"]["confident_share"] == pytest.approx(conf / n)
+    assert res["confidence"]["confident_wrong_share"] == pytest.approx(wrong / conf)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun
 from d2ada import regions as R, selection as S
 
 
@@ -215,6 +215,25 @@ def test_scripts_end_to_end_and_resume(tiny, tmp_path):
     run_script("d2ada/test.py", "--checkpoint", a / "model.pth", "--target", "toy_cityscapes",
                "--target-root", tiny / "city", "--split", "test", "--workers", 0, "--out", tmp_path / "eval")
     assert "mIoU" in json.loads((tmp_path / "eval" / "final.json").read_text())
+
+
+def test_train_ada_under_torchrun(tiny, tmp_path):
+    """Two processes: region features gathered from both ranks, one selection (rank 0) shared with every
+    rank, the round's datalist written once."""
+    from d2ada import superpixels
+    for ds, sub in (("toy_cityscapes", "city"), ("toy_gta5", "gta")):  # skips images already done
+        superpixels.main(superpixels.parse_args(["--dataset", ds, "--data-root", str(tiny / sub)]))
+    w = tmp_path / "warmup"
+    run_script("d2ada/warmup.py", *data_args(tiny), "--warmup", "sup_warmup", "--iters", 2, "--batch-size", 2,
+               "--eval-every", 2, "--out", w)
+    a = tmp_path / "ada_ddp"
+    p = run_torchrun("d2ada/train_ada.py", *data_args(tiny), "--init-from", w / "model.pth", "--rounds", 1,
+                     "--iters", 2, "--batch-size", 1, "--active-selection-size", 1, "--source-sample", 4,
+                     "--pictures", 0, "--out", a)
+    final = json.loads((a / "final.json").read_text())
+    assert [h["labeled_percent"] > 0 for h in final["rounds"]] == [False, True]
+    d0 = json.loads((a / "datalist_00.json").read_text())
+    assert d0["labeled_percent"] >= 10.0 and (a / "model.pth").exists()
 
 
 def test_deeplabv2_variant_feature_and_checkpoint(tmp_path):

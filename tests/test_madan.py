@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import run_script, run_torchrun
 from madan import losses as Lm
 from madan.models import (AddaDiscriminator, DomainClassifier, FeatureHook, ImagePool, PatchDiscriminator,
                           ResnetGenerator, grad_reverse)
@@ -262,3 +262,17 @@ def test_scripts_end_to_end_with_resume(tmp_path):
         "--out", tmp_path / "eval")
     res = json.loads((tmp_path / "eval" / "final.json").read_text())
     assert res["split"] == "test" and 0 <= res["mIoU"] <= 100 and "mIoU13" in res["last"]
+
+
+def test_translation_and_segmenter_under_torchrun(tmp_path):
+    """Two processes: the multi-source CycleGAN (DDP generators/discriminators; SAD and CCD on, DSC off as it needs classifiers) and the
+    aggregated segmenter train and save once."""
+    env = {"SEGDA_DATA": str(make_tiny_toy(tmp_path))}
+    tiny = ["--batch-size", "1", "--workers", "0"]
+    tr = ["--epoch-iters", "1", "--max-epoch", "2", "--sad-frozen-epoch", "0", "--ccd-frozen-epoch", "0",
+          "--fine-size", "32,64", "--dsc", "0", *tiny, "--out", tmp_path / "tr"]
+    p = run_torchrun("madan/train_translation.py", *tr, env=env)
+    assert json.loads((tmp_path / "tr" / "final.json").read_text())["iters"] == 2
+    p = run_torchrun("madan/train_segmenter.py", "--iters", "2", "--eval-every", "2", "--crop-size", "36,64", *tiny,
+                     "--out", tmp_path / "seg", env=env)
+    assert json.loads((tmp_path / "seg" / "final.json").read_text())["sources"] == ["toy_synthia", "toy_gta5"]
