@@ -228,7 +228,7 @@ def test_train_ada_under_torchrun(tiny, tmp_path):
                "--eval-every", 2, "--out", w)
     a = tmp_path / "ada_ddp"
     p = run_torchrun("d2ada/train_ada.py", *data_args(tiny), "--init-from", w / "model.pth", "--rounds", 1,
-                     "--iters", 2, "--batch-size", 1, "--active-selection-size", 1, "--source-sample", 4,
+                     "--iters", 2, "--batch-size", 2, "--active-selection-size", 2, "--source-sample", 4,
                      "--pictures", 0, "--out", a)
     final = json.loads((a / "final.json").read_text())
     assert [h["labeled_percent"] > 0 for h in final["rounds"]] == [False, True]
