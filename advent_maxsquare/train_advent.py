@@ -200,7 +200,8 @@ def main(args):
         log.log({"event": "already finished", "iter": start})
         rt.cleanup_distributed()
         return
-    ddp = rt.wrap_ddp(model, device, world, find_unused=mcfg["multi_level"] and not args.multi)
+    ddp = rt.wrap_ddp(model, device, world, find_unused=mcfg["multi_level"] and not args.multi,
+                       compile_model=args.compile)
     ddp_discs = {l: rt.wrap_ddp(D, device, world) for l, D in discs.items()}
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
     batches_t = infinite_loader(target, args.batch_size, args.seed + 1, start, args.workers, rank, world)

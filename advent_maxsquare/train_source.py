@@ -102,7 +102,7 @@ def main(args):
         log.log({"event": "already finished", "iter": start})
         rt.cleanup_distributed()
         return
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
 
     # ---- training loop ---------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def add_common_args(p, source="toy", target="toy"):
     g.add_argument("--lr", type=float, default=None, help="base learning rate (heads get 10x)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast: bf16 where native, else off")
+    g.add_argument("--compile", action="store_true", help="torch.compile the segmenter's training forward. Off by "
+                   "default: on a 2-core CPU it pays back its compile time after ~300 DeepLabV2-R101 512x1024 steps, "
+                   "but not within a toy run (~1000 steps needed); see benchmark/perf.md")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (config, log.jsonl, checkpoints, predictions)")

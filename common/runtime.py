@@ -43,14 +43,17 @@ def is_main(rank):
     return rank == 0
 
 
-def wrap_ddp(model, device, world_size, find_unused=False):
-    if world_size <= 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+def wrap_ddp(model, device, world_size, find_unused=False, compile_model=False):
+    """The module the training loop calls: DDP under torchrun, optionally torch.compile'd (--compile).
+    Checkpoints keep saving the bare `model` (its state_dict keys carry no wrapper prefix)."""
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+    return torch.compile(model) if compile_model else model
 
 
 def unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
     return model.module if hasattr(model, "module") else model
 
 

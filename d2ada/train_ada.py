@@ -192,7 +192,7 @@ def train_round(args, rnd, model, mcfg, source, target, labeled, lab_str, device
             rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
             start = ck["iter"]
             log.log({"event": "resumed", "round": rnd, "iter": start})
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     batches = infinite_loader(data, args.batch_size, args.seed * 1000 + rnd, start, args.workers, rank, world)
     t0 = time.time()
     for it in range(start, args.stop_iter):

@@ -123,7 +123,7 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     ddp_d = rt.wrap_ddp(disc, device, world) if uda else None
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
     t_batches = infinite_loader(target, args.batch_size, args.seed + 1, start, args.workers, rank, world) if uda else None

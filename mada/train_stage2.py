@@ -123,7 +123,7 @@ def main(args):
         log.log({"event": "resumed", "iter": start})
     active = core.subset_by_names(train_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], tgt_aug),
                                   labeled, f"selection {args.selection}")
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
     a_batches = infinite_loader(active, args.batch_size, args.seed + 1, start, args.workers, rank, world)
     target = train_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], tgt_aug, with_labels=False)

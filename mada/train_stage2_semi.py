@@ -142,7 +142,7 @@ def main(args):
         log.log({"event": "resumed", "iter": start})
     active = core.subset_by_names(train_set(tgt, tgt_root, nc, mcfg["norm"], tgt_aug), labeled,
                                   f"selection {args.selection}")
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     a_batches = infinite_loader(active, args.batch_size, args.seed + 1, start, args.workers, rank, world)
     t_batches = infinite_loader(target, 1, args.seed + 2, start, args.workers, rank, world)
 

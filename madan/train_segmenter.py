@@ -116,7 +116,7 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     n = len(sets)  # source k is used at iterations it with it % n == k: it has had ceil((start - k) / n) batches
     batches = [infinite_loader(s, args.batch_size, args.seed + 1000 * k, max(0, -(-(start - k) // n)), args.workers,
                                rank, world) for k, s in enumerate(sets)]

@@ -184,7 +184,7 @@ def main(args):
         write_round(out / "rounds" / "round_00_init", names, labeled, sorted(set(range(n_pool)) - set(labeled)),
                     labeled, {"class_counts.json": {"labeled": {"pixels": pix.tolist(), "images": img.tolist()},
                                                     "classes": L.class_names(args.num_classes)}})
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     B = args.batch_size
     batches = infinite_loader(source, B, args.seed, start, args.workers, rank, world)
 

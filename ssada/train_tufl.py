@@ -134,7 +134,7 @@ def main(args):
         for t, s in zip(thresholds, ck["thresholds"]):
             t.load_state_dict(s)
         log.log({"event": "resumed", "iter": start})
-    ddp = rt.wrap_ddp(model, device, world)
+    ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     phase1 = start < args.source_iters
     bs = args.source_batch_size if phase1 else args.batch_size
     batches = infinite_loader(source, bs, args.seed, start if phase1 else start - args.source_iters,

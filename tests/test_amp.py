@@ -70,3 +70,18 @@ def test_method_statistics_are_fp32_under_bf16_autocast():
         assert st["feat"].dtype == st["prob"].dtype == st["entropy"].dtype == torch.float32
         fl, _ = ss_losses.unsup_focal_loss(logits, logits.flip(0), thresh=0.5)
         assert fl.dtype == torch.float32
+
+
+def test_compile_flag_wraps_the_training_forward_only():
+    """--compile: the loop calls a torch.compile'd module (lazily compiled at its first call, so nothing
+    is compiled here); unwrap() returns the bare model, whose state_dict keys carry no wrapper prefix."""
+    from common import cli
+    import argparse
+    p = argparse.ArgumentParser()
+    cli.add_common_args(p)
+    assert p.parse_args([]).compile is False and p.parse_args(["--compile"]).compile is True
+    model = DeepLabV2(19, "resnet18")
+    fwd = rt.wrap_ddp(model, torch.device("cpu"), 1, compile_model=True)
+    assert fwd is not model and rt.unwrap(fwd) is model
+    assert list(fwd.state_dict())[0].startswith("_orig_mod.") and not list(model.state_dict())[0].startswith("_orig")
+    assert rt.wrap_ddp(model, torch.device("cpu"), 1) is model
