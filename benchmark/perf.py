@@ -2,7 +2,7 @@
 + channels_last where the device runs bf16 natively), side by side in ONE process, interleaved, so both
 see the same machine state.
 
-    python benchmark/perf.py                    # everything; writes benchmark/perf.md
+    python benchmark/perf.py                    # everything; writes benchmark/perf_latest.md
     python benchmark/perf.py --quick            # fewer repetitions, no R101
     python benchmark/perf.py --compile          # also try torch.compile on the toy preset and R101
     python benchmark/perf.py --cases r101 --compile --no-loading --reps 3   # torch.compile on R101 only
@@ -192,7 +192,8 @@ def main():
                     help="training/eval cases to run (default: both; --quick: toy)")
     ap.add_argument("--no-loading", action="store_true", help="skip the data-loading measurement")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="benchmark/perf.md")
+    ap.add_argument("--out", default="benchmark/perf_latest.md", help="where the tables go (benchmark/perf.md "
+                    "collects the runs the README quotes, by hand)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
