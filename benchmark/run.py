@@ -360,7 +360,7 @@ def bar_chart(rows, path):
 # Reference rows for the "gap closed" column: (source-only row, oracle row) of the same network and label space.
 REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
         "mada": ("MADA warm-up (source only, DeepLabV3+)", "MADA oracle (DeepLabV3+, target labels)"),
-        "d2ada": ("Source only", "Oracle (target labels)"),
+        # d2ada: no reference rows of its own network yet (its warm-up is output-space adversarial, DeepLabV3+)
         "madan": ("MADAN: both sources combined (no adapt.)", "MADAN: oracle (target labels, 16 cl.)"),
         "ssada": ("SS-ADA: source only (BiSeNet)", "SS-ADA: oracle 100% (BiSeNet)")}
 
@@ -406,7 +406,7 @@ def report(out, seeds, results):
     md = "\n".join(lines) + (
         f"\n\nSeeds asked: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
-        "and label space (DeepLabV2-R18 for advent_maxsquare and d2ada; DeepLabV3+-R18 for mada; the MADAN and "
+        "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada; none yet for d2ada; the MADAN and "
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
         f"row count once, there); machine: {os.cpu_count()} CPU cores.\n")
     res = ROOT / results
