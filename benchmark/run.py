@@ -5,16 +5,21 @@ mean +- std over seeds, wall time, peak memory) as Markdown and as a bar chart P
     python benchmark/run.py                         # every pipeline, seeds 0 1 2 (long: see README)
     python benchmark/run.py --seeds 0               # one seed
     python benchmark/run.py --only "Source only" "Oracle (target labels)"
+    python benchmark/run.py --methods ssada madan   # the pipelines of these method folders
     python benchmark/run.py --list                  # what would run
+    OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
 
 Each pipeline is a list of commands run in order in one folder per seed; its last command writes a
 JSON file whose "mIoU" is the number reported (evaluated on the held-out toy `test` split, never on
 the val split any script selects on). Finished steps are skipped on a re-run (their `done` file exists),
 so an interrupted benchmark continues where it stopped. Adding a method = adding entries to PIPELINES.
+With --jobs N, pipeline-seeds run N at a time; a pipeline waits for every earlier pipeline of the same seed
+that touches the same {base}/<folder> (so shared steps run once, in order). Each row records the machine.
 """
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -24,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+MACHINE = None  # set in main()
 
 # name, target labels used, steps: (command, file that exists when the step is done), result JSON.
 # In commands, {run} is this pipeline-seed's folder, {seed} the seed, {py} the Python interpreter.
@@ -167,6 +173,18 @@ PIPELINES = [
         ("{py} d2ada/superpixels.py --summary {base}/d2ada_superpixels.json", "{base}/d2ada_superpixels.json"),
         ("{py} d2ada/warmup.py --seed {seed} --out {base}/d2ada_warmup", "{base}/d2ada_warmup/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_warmup/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # D2ADA's own gap references: the same DeepLabV3+ trained on the source alone (sup_warmup, the warm-up's 300
+    # iterations), and on all 400 labelled target train images for the whole budget (warm-up 300 + 5 rounds x 60).
+    dict(name="D2ADA source only (sup. warm-up, DeepLabV3+)", method="d2ada", labels="none", steps=[
+        ("{py} d2ada/warmup.py --warmup sup_warmup --seed {seed} --out {base}/d2ada_sup_warmup",
+         "{base}/d2ada_sup_warmup/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_sup_warmup/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="D2ADA oracle (DeepLabV3+, target labels)", method="d2ada", labels="100% (all target train)", steps=[
+        ("{py} d2ada/warmup.py --warmup sup_warmup --source toy_cityscapes --iters 600 --seed {seed} "
+         "--out {base}/d2ada_oracle", "{base}/d2ada_oracle/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="D2ADA (5 rounds, 5% target pixels)", method="d2ada", labels="5% of target pixels (regions)", steps=[
         ("{py} d2ada/train_ada.py --seed {seed} --init-from {base}/d2ada_warmup/model.pth --out {base}/d2ada_ada",
@@ -319,6 +337,17 @@ def run_step(cmd, log_path):
     return time.time() - t0, usage.ru_maxrss / 1024
 
 
+def machine():
+    """A short description of where the steps run (recorded per row: timings are only comparable within one)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} + {os.cpu_count()} CPU cores"
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} CPU cores"
+
+
 def run_pipeline(p, seed, out):
     base = out / f"seed{seed}"
     run = base / slug(p["name"])
@@ -333,6 +362,7 @@ def run_pipeline(p, seed, out):
         sec, mib = run_step(cmd.format(**fmt), run / "log.txt")
         stats["seconds"] += sec
         stats["peak_mib"] = max(stats["peak_mib"], mib)
+        stats["machine"] = MACHINE
         stats_file.write_text(json.dumps(stats))
     res = json.loads(Path(p["result"].format(**fmt)).read_text())
     return {"mIoU": res["mIoU"], **stats}
@@ -360,7 +390,7 @@ def bar_chart(rows, path):
 # Reference rows for the "gap closed" column: (source-only row, oracle row) of the same network and label space.
 REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
         "mada": ("MADA warm-up (source only, DeepLabV3+)", "MADA oracle (DeepLabV3+, target labels)"),
-        # d2ada: no reference rows of its own network yet (its warm-up is output-space adversarial, DeepLabV3+)
+        "d2ada": ("D2ADA source only (sup. warm-up, DeepLabV3+)", "D2ADA oracle (DeepLabV3+, target labels)"),
         "madan": ("MADAN: both sources combined (no adapt.)", "MADAN: oracle (target labels, 16 cl.)"),
         "ssada": ("SS-ADA: source only (BiSeNet)", "SS-ADA: oracle 100% (BiSeNet)")}
 
@@ -374,7 +404,49 @@ def collect(p, seed, out):
         return None
     stats_file = run / "bench.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": float("nan"), "peak_mib": 0}
+    stats.setdefault("machine", "2 CPU cores")  # rows measured before machines were recorded: the project's machine
     return {"mIoU": json.loads(res.read_text())["mIoU"], **stats}
+
+
+def folders(p):
+    """The {base}/<folder> names a pipeline's commands touch (its dependencies on earlier pipelines)."""
+    return {m for cmd, done in p["steps"] for m in re.findall(r"\{base\}/([^/\s,]+)", cmd + " " + done)}
+
+
+def run_parallel(chosen, seeds, out, jobs):
+    """Run pipeline-seeds `jobs` at a time; a pipeline-seed starts once every earlier chosen pipeline of its seed
+    that shares a {base} folder with it has finished. Among the ready ones, those with the most (transitive)
+    dependents start first (the long chains). A failure skips its dependents and is reported at the end."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    keys = [(i, s) for i in range(len(chosen)) for s in seeds]
+    deps = {(i, s): {(j, s) for j in range(i) if folders(chosen[j]) & folders(chosen[i])} for i, s in keys}
+    dependents = {k: set() for k in keys}
+    for k in reversed(sorted(keys)):  # later pipelines first, so a dependent's own set is complete
+        for d in deps[k]:
+            dependents[d] |= {k} | dependents[k]
+    todo = sorted(keys, key=lambda k: (-len(dependents[k]), k[0], k[1]))
+    done, failed, running = set(), {}, {}
+    with ThreadPoolExecutor(jobs) as ex:
+        while todo or running:
+            for k in list(todo):
+                if deps[k] & set(failed):
+                    failed[k] = "skipped: depends on a failed pipeline"
+                    todo.remove(k)
+                elif deps[k] <= done and len(running) < jobs:
+                    running[ex.submit(run_pipeline, chosen[k[0]], k[1], out)] = k
+                    todo.remove(k)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                k = running.pop(f)
+                if f.exception() is None:
+                    done.add(k)
+                else:
+                    failed[k] = str(f.exception())
+    for (i, s), why in sorted(failed.items()):
+        print(f"[bench] FAILED {chosen[i]['name']} seed {s}: {why}", flush=True)
+    return not failed
 
 
 def report(out, seeds, results):
@@ -390,14 +462,15 @@ def report(out, seeds, results):
                      "seeds": sorted(per_seed), "mean": statistics.mean(m),
                      "std": statistics.stdev(m) if len(m) > 1 else 0.0,
                      "seconds": statistics.mean(secs) if secs else float("nan"),
-                     "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m})
+                     "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m,
+                     "machine": " / ".join(sorted({r["machine"] for r in per_seed.values()}))})
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         src, orc = (by_name.get(n) for n in REFS.get(r["method"], ("", "")))
         r["gap_closed"] = ((r["mean"] - src["mean"]) / (orc["mean"] - src["mean"])
                            if src and orc and orc["mean"] != src["mean"] else None)
     lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | "
-             "wall time / seed | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+             "wall time / seed | peak RSS | machine |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
@@ -406,9 +479,10 @@ def report(out, seeds, results):
     md = "\n".join(lines) + (
         f"\n\nSeeds asked: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
-        "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada; none yet for d2ada; the MADAN and "
+        "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada and d2ada; the MADAN and "
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
-        f"row count once, there); machine: {os.cpu_count()} CPU cores.\n")
+        f"row count once, there); wall times compare only between rows of the same machine (rows run with --jobs "
+        "shared that machine with other rows).\n")
     res = ROOT / results
     res.parent.mkdir(parents=True, exist_ok=True)
     Path(str(res) + ".md").write_text(md)
@@ -422,8 +496,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="+", default=None, help="pipeline names to run")
+    ap.add_argument("--methods", nargs="+", default=None, help="run only the pipelines of these method folders")
     ap.add_argument("--out", default="benchmark/out", help="working folder (runs, logs)")
     ap.add_argument("--results", default="benchmark/results", help="results prefix: .md and .png are written")
+    ap.add_argument("--jobs", type=int, default=1, help="pipeline-seeds run at once (see the docstring)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results on disk")
     args = ap.parse_args()
@@ -431,19 +507,28 @@ def main():
         unknown = set(args.only) - {p["name"] for p in PIPELINES}
         if unknown:
             ap.error(f"unknown pipeline name(s) {sorted(unknown)}; see --list")
-    chosen = [p for p in PIPELINES if args.only is None or p["name"] in args.only]
+    chosen = [p for p in PIPELINES if (args.only is None or p["name"] in args.only)
+              and (args.methods is None or p["method"] in args.methods)]
     if args.list:
         for p in PIPELINES:
             print(f"{p['name']:40s} [{p['method']}] {len(p['steps'])} steps")
         return
     out = (ROOT / args.out).resolve()
+    global MACHINE
+    MACHINE = machine()
     if not args.report:
         t_all = time.time()
-        for p in chosen:
-            for s in args.seeds:
-                run_pipeline(p, s, out)
+        if args.jobs > 1:
+            ok = run_parallel(chosen, args.seeds, out, args.jobs)
+        else:
+            ok = True
+            for p in chosen:
+                for s in args.seeds:
+                    run_pipeline(p, s, out)
         print(f"[bench] ran {len(chosen)} pipeline(s) x {len(args.seeds)} seed(s) in {time.time() - t_all:.0f} s")
     report(out, args.seeds, args.results)
+    if not args.report and not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
