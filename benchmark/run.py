@@ -303,15 +303,15 @@ PIPELINES = [
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # TUFL rows: toy Cityscapes-style source (13 classes) -> toy CrossCity-style target (Test split).
     # The source-only row evaluates the phase-1 model of the same TUFL run.
-    dict(name="TUFL: source only (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+    dict(name="TUFL: source only (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none", steps=[
         ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl/source_model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="TUFL: focal, fixed tau (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+    dict(name="TUFL: focal, fixed tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none", steps=[
         ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl/model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", labels="none", steps=[
+    dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none", steps=[
         ("{py} ssada/train_tufl.py --thresholds adaptive --seed {seed} --out {base}/tufl_adaptive",
          "{base}/tufl_adaptive/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl_adaptive/model.pth --target toy_crosscity --split test "
@@ -392,7 +392,9 @@ REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
         "mada": ("MADA warm-up (source only, DeepLabV3+)", "MADA oracle (DeepLabV3+, target labels)"),
         "d2ada": ("D2ADA source only (sup. warm-up, DeepLabV3+)", "D2ADA oracle (DeepLabV3+, target labels)"),
         "madan": ("MADAN: both sources combined (no adapt.)", "MADAN: oracle (target labels, 16 cl.)"),
-        "ssada": ("SS-ADA: source only (BiSeNet)", "SS-ADA: oracle 100% (BiSeNet)")}
+        "ssada": ("SS-ADA: source only (BiSeNet)", "SS-ADA: oracle 100% (BiSeNet)"),
+        # TUFL is another task (toy Cityscapes -> CrossCity, 13 classes) with no target-labelled oracle: no gap column
+        "tufl": ("TUFL: source only (toy CS->CrossCity)", None)}
 
 
 def collect(p, seed, out):
@@ -463,10 +465,11 @@ def report(out, seeds, results):
                      "std": statistics.stdev(m) if len(m) > 1 else 0.0,
                      "seconds": statistics.mean(secs) if secs else float("nan"),
                      "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m,
-                     "machine": " / ".join(sorted({r["machine"] for r in per_seed.values()}))})
+                     "machine": " / ".join(sorted({r["machine"] for r in per_seed.values()})),
+                     "ref": p.get("ref", p["method"])})
     by_name = {r["name"]: r for r in rows}
     for r in rows:
-        src, orc = (by_name.get(n) for n in REFS.get(r["method"], ("", "")))
+        src, orc = (by_name.get(n) for n in REFS.get(r["ref"], ("", "")))
         r["gap_closed"] = ((r["mean"] - src["mean"]) / (orc["mean"] - src["mean"])
                            if src and orc and orc["mean"] != src["mean"] else None)
     lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | "
@@ -474,8 +477,9 @@ def report(out, seeds, results):
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
         per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
+        peak = "n/a" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f} MiB"
         lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} "
-                     f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {r['peak_mib']:.0f} MiB |")
+                     f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {peak} | {r['machine']} |")
     md = "\n".join(lines) + (
         f"\n\nSeeds asked: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "

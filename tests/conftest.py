@@ -8,11 +8,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Scripts run on the CPU (GPUs hidden) unless SEGDA_TEST_DEVICE=cuda, which smoke-tests the CUDA paths of every
+# script; bit-exact resume comparisons need deterministic kernels, so they are checked on the CPU only (EXACT).
+TEST_DEVICE = os.environ.get("SEGDA_TEST_DEVICE", "cpu")
+EXACT = TEST_DEVICE == "cpu"
 
 
 def run_script(script, *args, timeout=600, env=None, check=True):
     """Run a repository script in a subprocess (as a user would) and return the CompletedProcess."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    if TEST_DEVICE == "cpu":
+        e["CUDA_VISIBLE_DEVICES"] = ""
     e.update(env or {})
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
@@ -23,7 +29,7 @@ def run_script(script, *args, timeout=600, env=None, check=True):
 
 def run_torchrun(script, *args, nproc=2, timeout=600, env=None):
     """Run a repository script under torchrun (--standalone, CPU/gloo), one thread per process."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo, one machine
     e.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / script), *map(str, args)]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, run_script, run_torchrun
+from conftest import EXACT, ROOT, run_script, run_torchrun
 from d2ada import regions as R, selection as S
 
 
@@ -209,7 +209,8 @@ def test_scripts_end_to_end_and_resume(tiny, tmp_path):
         (b / f).unlink()
     run_script("d2ada/train_ada.py", *common, "--out", b, "--resume")
     d0b = json.loads((b / "datalist_00.json").read_text())
-    assert d0b["trg_label_suppix"] == d0["trg_label_suppix"] and d0b["selected"] == d0["selected"]
+    if EXACT:  # same model, same regions: identical on the CPU (cuDNN kernels are not deterministic)
+        assert d0b["trg_label_suppix"] == d0["trg_label_suppix"] and d0b["selected"] == d0["selected"]
     assert json.loads((b / "final.json").read_text())["rounds"][1]["labeled_percent"] == final["rounds"][1]["labeled_percent"]
 
     run_script("d2ada/test.py", "--checkpoint", a / "model.pth", "--target", "toy_cityscapes",
