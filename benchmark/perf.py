@@ -6,6 +6,7 @@ see the same machine state.
     python benchmark/perf.py --quick            # fewer repetitions, no R101
     python benchmark/perf.py --compile          # also try torch.compile on the toy preset and R101
     python benchmark/perf.py --cases r101 --compile --no-loading --reps 3   # torch.compile on R101 only
+    python benchmark/perf.py --cases r101 --r101-shape 4,3,512,1024 --warmup 3 --no-loading --reps 10   # a GPU
 
 Measures:
   1. training step (forward, CE loss, backward, SGD step) of DeepLabV2-ResNet-101 at 1x3x512x1024 and of the
@@ -123,16 +124,19 @@ def bench_training(name, backbone, shape, device, reps, warmup=1):
     evals = []
     for k, (m, o, x, y) in cases.items():
         m.eval()
-        n, t0 = 0, time.perf_counter()
         with torch.no_grad():
-            while n < max(2, reps) or time.perf_counter() - t0 < 2:
+            for _ in range(2):  # warm-up: the first eval-mode calls pick kernels (cuDNN) and allocate
+                with rt.autocast(device, amps[k]):
+                    m(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while n < max(2, reps) * x.shape[0] or (time.perf_counter() - t0 < 2 and n < 50 * x.shape[0]):
                 with rt.autocast(device, amps[k]):
                     m(x)
                 n += x.shape[0]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                if n >= 8 * x.shape[0]:
-                    break
         evals.append((name, k, n / (time.perf_counter() - t0)))
         m.train()
     return rows, evals, cases, amps
@@ -191,6 +195,8 @@ def main():
     ap.add_argument("--cases", nargs="+", choices=["toy", "r101"], default=None,
                     help="training/eval cases to run (default: both; --quick: toy)")
     ap.add_argument("--no-loading", action="store_true", help="skip the data-loading measurement")
+    ap.add_argument("--r101-shape", default="1,3,512,1024", help="N,C,H,W of the R101 case (a GPU: try 4,3,512,1024)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps per case first (GPU: 3)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="benchmark/perf_latest.md", help="where the tables go (benchmark/perf.md "
                     "collects the runs the README quotes, by hand)")
@@ -200,11 +206,12 @@ def main():
     reps = 3 if args.quick else args.reps
     which = args.cases or (["toy"] if args.quick else ["toy", "r101"])
     cases = [c for k, c in [("toy", ("toy preset: DeepLabV2-R18 8x3x72x128", "resnet18", (8, 3, 72, 128))),
-                            ("r101", ("DeepLabV2-R101 1x3x512x1024", "resnet101", (1, 3, 512, 1024)))] if k in which]
+                            ("r101", (f"DeepLabV2-R101 {'x'.join(args.r101_shape.split(','))}", "resnet101",
+                                      tuple(int(v) for v in args.r101_shape.split(","))))] if k in which]
     train_rows, eval_rows, comp_rows = [], [], []
     for name, bb, shape in cases:
         print(f"[perf] {name} ...", flush=True)
-        r, e, built, amps = bench_training(name, bb, shape, device, reps)
+        r, e, built, amps = bench_training(name, bb, shape, device, reps, args.warmup)
         train_rows += r
         eval_rows += e
         if args.compile:
