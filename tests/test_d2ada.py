@@ -44,6 +44,13 @@ def test_region_stats_against_direct_masked_mean():
         assert torch.allclose(st["prob"][r], p[:, m].mean(1), atol=1e-6)
         assert abs(float(st["entropy"][r]) - float(ent[m].mean())) < 1e-6
         assert int(st["pixels"][r]) == int(m.sum())
+    # what the model returns under bf16 autocast (channels_last bf16 maps) gives the fp32 statistics of those maps
+    fb = feat.bfloat16()[None].contiguous(memory_format=torch.channels_last)[0]
+    lb = logits.bfloat16()[None].contiguous(memory_format=torch.channels_last)[0]
+    st_b, st_f = R.region_stats(fb, lb, sp, chunk=7), R.region_stats(fb.float(), lb.float(), sp, chunk=7)
+    assert st_b["feat"].dtype == torch.float32
+    for key in ("feat", "prob", "entropy", "pixels"):
+        assert torch.equal(st_b[key], st_f[key]), key
 
 
 # ---------------------------------------------------------------------------------------------- selection
