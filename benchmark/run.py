@@ -221,6 +221,12 @@ PIPELINES = [
         ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
         ("{py} madan/test.py --checkpoint {base}/madan/combined/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # The control of the feature-level rows (ADDA, MDAN forward target batches in train mode): the combined model
+    # with its BN statistics re-estimated on the target (AdaBN), no training.
+    dict(name="MADAN: combined + AdaBN (target BN statistics)", method="madan", labels="none", steps=[
+        ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
+        ("{py} madan/test.py --adabn --checkpoint {base}/madan/combined/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="MADAN: pixel level (DSC+SAD+CCD)", method="madan", labels="none", steps=[
         ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
          "{base}/madan/classifiers/toy_gta5/final.json"),

@@ -15,6 +15,10 @@ Best snapshot vs last (both reported, labelled; 'best' is chosen ON the split it
     python madan/test.py --checkpoint runs/madan/segmenter/model.pth --snapshots runs/madan/segmenter/snapshots
 Cityscapes val, flip TTA:
     python madan/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes --flip
+AdaBN control (BN running statistics re-estimated on the unlabelled target train split; DeepLab only, FCN8s
+has no BN): what a model gains from target BN statistics alone, which ADDA and MDAN also get from their target
+batches in train mode:
+    python madan/test.py --checkpoint runs/madan/combined/model.pth --split test --adabn
 torchrun (the evaluation is sharded and the confusion matrix all-reduced):
     torchrun --nproc_per_node=2 madan/test.py
 """
@@ -25,11 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
+import torch
+
 from common import runtime as rt
-from common.datasets import eval_set, resolve_domain
+from common.datasets import DOMAINS, eval_set, resolve_domain, train_set
 from common.evaluate import evaluate
 from common.metrics import format_table
 from common.fcn import segmenter_from_checkpoint
+from common.transforms import Compose, Resize
 
 
 def parse_args(argv=None):
@@ -42,12 +49,39 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
     p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--adabn", action="store_true", help="AdaBN: re-estimate BN running statistics on the "
+                   "unlabelled target train split before evaluating (a control, see above)")
+    p.add_argument("--adabn-images", type=int, default=0, help="AdaBN: use the first N shuffled images (0 = all)")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
                    "(default: CHECKPOINT's folder/eval_SPLIT)")
     return p.parse_args(argv)
+
+
+@torch.no_grad()
+def adabn(model, data, device, amp, max_images=0, batch_size=8, workers=2, seed=0):
+    """AdaBN (Li et al., ICLR-W 2017, "Revisiting batch normalization for practical domain adaptation"): every
+    BN layer's running mean/var replaced by its cumulative average over target images; weights untouched."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise SystemExit("--adabn: the model has no BatchNorm layers (FCN8s-VGG16 has none)")
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average (exact mean over the batches seen)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g).tolist()
+    if max_images:
+        order = order[:max_images]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=batch_size,
+                                         num_workers=workers, drop_last=len(order) > batch_size)
+    model.train()
+    for batch in loader:
+        with rt.autocast(device, amp):
+            model(rt.to_device(batch["image"], device, amp))
+    model.eval()
+    return len(order)
 
 
 def main(args):
@@ -69,11 +103,20 @@ def main(args):
         out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
+    if args.adabn:
+        if other is not None:
+            raise SystemExit("--adabn with --ensemble is not supported")
+        if world > 1:
+            raise SystemExit("--adabn runs in one process (the statistics are not all-reduced); drop torchrun")
+        tgt_train = train_set(tgt, root, cfg["num_classes"], cfg["norm"], Compose([Resize(DOMAINS[tgt][3])]),
+                              with_labels=False)
+        n = adabn(model, tgt_train, device, amp, args.adabn_images, workers=args.workers)
+        print(f"[test] AdaBN: BN statistics re-estimated on {n} {tgt} train images")
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
                    rank=rank, world_size=world, workers=args.workers, ensemble=other)
     report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
-              "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
+              "flip": args.flip, "adabn": args.adabn, "last": res, "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
     # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label
     # them: 'best' is selected on this very split, so it is optimistic.
