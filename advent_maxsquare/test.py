@@ -27,13 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
 from common import runtime as rt
 from common.datasets import DOMAINS, eval_set, resolve_domain, train_set
-from common.evaluate import evaluate
+from common.evaluate import adabn, evaluate  # adabn: the AdaBN control (--adabn)
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
 from common.transforms import Compose, Resize
@@ -58,30 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
                    "(default: CHECKPOINT's folder/eval_SPLIT)")
     return p.parse_args(argv)
-
-
-@torch.no_grad()
-def adabn(model, data, device, amp, max_images=0, batch_size=8, workers=2, seed=0):
-    """AdaBN (Li et al., ICLR-W 2017, "Revisiting batch normalization for practical domain adaptation"): every
-    BN layer's running mean/var replaced by its cumulative average over target images; weights untouched."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        raise SystemExit("--adabn: the model has no BatchNorm layers")
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average (exact mean over the batches seen)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=g).tolist()
-    if max_images:
-        order = order[:max_images]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=batch_size,
-                                         num_workers=workers, drop_last=len(order) > batch_size)
-    model.train()
-    for batch in loader:
-        with rt.autocast(device, amp):
-            model(rt.to_device(batch["image"], device, amp))
-    model.eval()
-    return len(order)
 
 
 def main(args):

@@ -71,3 +71,29 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
     res["confidence"] = {"mean_entropy": e / max(n, 1), "confident_share": c / max(n, 1),
                          "confident_wrong_share": cw / max(c, 1)}
     return res
+
+
+@torch.no_grad()
+def adabn(model, data, device, amp=None, max_images=0, batch_size=8, workers=2, seed=0):
+    """AdaBN (Li et al., ICLR-W 2017, "Revisiting batch normalization for practical domain adaptation"): every
+    BN layer's running mean/var replaced by its cumulative average over target images (`data` yields dicts with
+    "image"); weights untouched; the model is left in eval mode. Returns the number of images used. The control
+    every method that forwards target batches in train mode should be compared with."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise SystemExit("--adabn: the model has no BatchNorm layers (FCN8s-VGG16, for one, has none)")
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average (exact mean over the batches seen)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g).tolist()
+    if max_images:
+        order = order[:max_images]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=batch_size,
+                                         num_workers=workers, drop_last=len(order) > batch_size)
+    model.train()
+    for batch in loader:
+        with autocast(device, amp):
+            model(to_device(batch["image"], device, amp))
+    model.eval()
+    return len(order)

@@ -296,6 +296,8 @@ def test_adabn_sets_bn_statistics_to_the_target_mean_and_variance():
     n = testpy.adabn(model, data, torch.device("cpu"), None, batch_size=5, workers=0)
     torch.testing.assert_close(model[1].running_mean, flat.mean(1), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
+    with pytest.raises(SystemExit, match="no BatchNorm"):  # e.g. FCN8s-VGG16 (madan/test.py --adabn)
+        testpy.adabn(torch.nn.Conv2d(3, 2, 1), data, torch.device("cpu"), None, workers=0)
 
 
 def test_init_from_fails_loudly(tmp_path, tiny, advent_run, capsys):
