@@ -97,3 +97,14 @@ def adabn(model, data, device, amp=None, max_images=0, batch_size=8, workers=2, 
             model(to_device(batch["image"], device, amp))
     model.eval()
     return len(order)
+
+
+def adabn_on_domain(model, name, root, num_classes, norm, device, amp=None, max_images=0, workers=2, world_size=1):
+    """`adabn` on the unlabelled train split of domain `name` (images resized to its training size), as
+    `test.py --adabn` runs it. One process only: the statistics are not all-reduced."""
+    from .datasets import DOMAINS, train_set
+    from .transforms import Compose, Resize
+    if world_size > 1:
+        raise SystemExit("--adabn runs in one process (the statistics are not all-reduced); drop torchrun")
+    data = train_set(name, root, num_classes, norm, Compose([Resize(DOMAINS[name][3])]), with_labels=False)
+    return adabn(model, data, device, amp, max_images, workers=workers)

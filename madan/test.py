@@ -30,11 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
 from common import runtime as rt
-from common.datasets import DOMAINS, eval_set, resolve_domain, train_set
-from common.evaluate import adabn, evaluate  # adabn: the AdaBN control (--adabn)
+from common.datasets import eval_set, resolve_domain
+from common.evaluate import adabn_on_domain, evaluate  # adabn_on_domain: the AdaBN control (--adabn)
 from common.metrics import format_table
 from common.fcn import segmenter_from_checkpoint
-from common.transforms import Compose, Resize
 
 
 def parse_args(argv=None):
@@ -80,11 +79,8 @@ def main(args):
     if args.adabn:
         if other is not None:
             raise SystemExit("--adabn with --ensemble is not supported")
-        if world > 1:
-            raise SystemExit("--adabn runs in one process (the statistics are not all-reduced); drop torchrun")
-        tgt_train = train_set(tgt, root, cfg["num_classes"], cfg["norm"], Compose([Resize(DOMAINS[tgt][3])]),
-                              with_labels=False)
-        n = adabn(model, tgt_train, device, amp, args.adabn_images, workers=args.workers)
+        n = adabn_on_domain(model, tgt, root, cfg["num_classes"], cfg["norm"], device, amp, args.adabn_images,
+                            args.workers, world)
         print(f"[test] AdaBN: BN statistics re-estimated on {n} {tgt} train images")
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,

@@ -23,7 +23,6 @@ def _load(name):
 
 
 advent, adaptseg, maxsq = _load("train_advent"), _load("train_adaptseg"), _load("train_maxsquare")
-testpy = _load("test")
 
 
 def _probs(b=2, c=5, h=3, w=4, seed=0):
@@ -276,6 +275,7 @@ def test_minent_and_maxsquare_start_from_a_checkpoint(tmp_path, tiny, advent_run
 def test_adabn_sets_bn_statistics_to_the_target_mean_and_variance():
     """AdaBN: running mean/var = the exact mean and unbiased variance of the BN input over all target
     pixels; weights untouched; the model is left in eval mode."""
+    from common.evaluate import adabn
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1),
@@ -286,18 +286,18 @@ def test_adabn_sets_bn_statistics_to_the_target_mean_and_variance():
     with torch.no_grad():
         flat = conv(x).transpose(0, 1).reshape(4, -1)
     # one batch of all 10 images: exactly the mean and unbiased variance over every pixel
-    n = testpy.adabn(model, data, torch.device("cpu"), None, batch_size=10, workers=0)
+    n = adabn(model, data, torch.device("cpu"), None, batch_size=10, workers=0)
     assert n == 10 and not model.training
     torch.testing.assert_close(model[1].running_mean, flat.mean(1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model[1].running_var, flat.var(1), rtol=1e-4, atol=1e-5)
     # two batches of 5 (any order): the cumulative average still gives the exact mean; the earlier
     # statistics are reset, not blended in
     model[1].running_mean.fill_(100.0)
-    n = testpy.adabn(model, data, torch.device("cpu"), None, batch_size=5, workers=0)
+    n = adabn(model, data, torch.device("cpu"), None, batch_size=5, workers=0)
     torch.testing.assert_close(model[1].running_mean, flat.mean(1), rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
     with pytest.raises(SystemExit, match="no BatchNorm"):  # e.g. FCN8s-VGG16 (madan/test.py --adabn)
-        testpy.adabn(torch.nn.Conv2d(3, 2, 1), data, torch.device("cpu"), None, workers=0)
+        adabn(torch.nn.Conv2d(3, 2, 1), data, torch.device("cpu"), None, workers=0)
 
 
 def test_init_from_fails_loudly(tmp_path, tiny, advent_run, capsys):
