@@ -74,3 +74,11 @@ def tiny_toy(toy_root, tmp_path_factory):
             files.append(cs / "gtFine" / split / p.parent.name / f"{stem}_gtFine_labelIds.png")
     _link_subset(cs, dst / "toy_cityscapes", files)
     return dst
+
+
+@pytest.fixture(scope="session")
+def real_trees(tmp_path_factory):
+    """Full-resolution GTA5 / SYNTHIA / Cityscapes / CrossCity fixture trees in the real formats
+    (tests/realdata.py), built once per session, for the paper-preset smoke tests: {name: root}."""
+    from realdata import make_real_trees
+    return make_real_trees(tmp_path_factory.mktemp("real_trees"))
