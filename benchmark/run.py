@@ -1,18 +1,33 @@
-"""The toy benchmark (the project's main job): runs each method's pipeline on the embedded toy domains,
-for several seeds, and writes a results table (method, target labels used, held-out toy test mIoU as
-mean +- std over seeds, wall time, peak memory) as Markdown and as a bar chart PNG.
+"""The toy benchmark (the project's main job): runs each method's pipeline on the embedded toy domains and writes
+a results table (method, target labels used, held-out toy test mIoU as mean +- std over seeds, wall time, peak
+memory) as Markdown, JSON and a bar chart PNG.
 
-    python benchmark/run.py                         # every pipeline, seeds 0 1 2 (long: see README)
-    python benchmark/run.py --seeds 0               # one seed
+    python benchmark/run.py                         # one seed (0) of every row: the plan prints the time estimate
+    python benchmark/run.py --seeds 0 1 2           # three seeds, as the published table
     python benchmark/run.py --only "Source only" "Oracle (target labels)"
-    python benchmark/run.py --methods ssada madan   # the pipelines of these method folders
-    python benchmark/run.py --list                  # what would run
+    python benchmark/run.py --methods ssada madan   # the rows of these method folders
+    python benchmark/run.py --list --methods mada   # what would run (rows, steps, recorded time per seed)
+    python benchmark/run.py --report                # the table of what has finished in benchmark/out; runs nothing
+    python benchmark/run.py --report --publish      # ... written to the committed benchmark/results.* instead
     OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
+
+What is written where: every step's run folder under benchmark/out/seed<N>/ (--out), each row's log (the scripts'
+output) in benchmark/out/seed<N>/<row>/log.txt and its time and memory in bench.json there; the table at the end in
+benchmark/out/results.md/.json/.png. The committed benchmark/results.md/.json/.png change only with --publish (the
+rows found in benchmark/out replace the published rows of the same name; the others stay). Nothing finished:
+nothing is written.
+
+On screen: the plan (rows, seeds, steps, an estimate from the recorded per-row wall times of
+benchmark/results.json), a line as each step starts and ends, live lines (one per running step: iteration / total,
+elapsed, ETA, latest validation mIoU, read from the step's own log.jsonl; and the overall "step k of n" with an
+ETA) redrawn in place on a terminal or printed every --progress-every seconds otherwise, and the table at the end.
+Ctrl-C (or SIGTERM) stops the running steps, keeps every finished step and exits 130 (143); the same command then
+continues: finished steps are skipped, and an interrupted training step resumes from its last checkpoint.
 
 Each pipeline is a list of commands run in order in one folder per seed; its last command writes a
 JSON file whose "mIoU" is the number reported (evaluated on the held-out toy `test` split, never on
 the val split any script selects on). Finished steps are skipped on a re-run (their `done` file exists),
-so an interrupted benchmark continues where it stopped. Adding a method = adding entries to PIPELINES.
+so an interrupted benchmark continues where it stopped. Adding a row = adding an entry to PIPELINES.
 With --jobs N, pipeline-seeds run N at a time; a pipeline waits for every earlier pipeline of the same seed
 that touches the same {base}/<folder> (so shared steps run once, in order). Each row records the machine.
 """
@@ -21,15 +36,20 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MACHINE = None  # set in main()
+# The committed table (.md/.json/.png): written only with --publish; runs write OUT/results.* otherwise.
+PUBLISHED = ROOT / "benchmark" / "results"
 
 # name, target labels used, steps: (command, file that exists when the step is done), result JSON.
 # In commands, {run} is this pipeline-seed's folder, {seed} the seed, {py} the Python interpreter.
@@ -329,17 +349,258 @@ def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def run_step(cmd, log_path):
-    """Run one command; returns (seconds, peak RSS in MiB of the process tree's largest process)."""
+def fmt_of(p, seed, out):
+    """The values substituted into a pipeline's commands for one seed."""
+    base = out / f"seed{seed}"
+    return dict(py=PY, seed=seed, run=base / slug(p["name"]), base=base)
+
+
+def shown(cmd):
+    """A command as a person would type it: `python` and paths relative to the repository."""
+    return cmd.replace(PY, "python").replace(str(ROOT) + os.sep, "")
+
+
+def human(seconds):
+    """Seconds as 1h02m / 4m05s / 12s."""
+    if seconds is None or seconds != seconds:
+        return "?"
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ---- live progress: read from each running step's own log.jsonl --------------------------------------------
+def schedule_length(cfg):
+    """Total iterations of a run from its config.json, None where the config does not fix it. Most scripts
+    stop at --stop-iter (= --iters unless given); the others need their own product."""
+    def num(k):
+        v = cfg.get(k)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    if num("source_iters") and num("iters"):  # ssada/train_tufl.py: source phase + adaptation phase
+        total = num("source_iters") + num("iters")
+    elif num("epochs") and num("epoch_iters"):  # ssada/train_ssada.py with a fixed epoch length (the toy preset)
+        total = num("epochs") * num("epoch_iters")
+    elif num("max_epoch") and num("epoch_iters"):  # madan/train_translation.py
+        total = num("max_epoch") * num("epoch_iters")
+    else:
+        total = num("iters")
+    stop = num("stop_iter")
+    return min(stop, total) if stop and total else stop or total
+
+
+class LogTail:
+    """Follows the newest log.jsonl in a step's --out folder (or one level below it: madan/train_classifiers.py
+    runs one sub-run per source) written since the step started, reading only the lines added since the last
+    poll. Keeps the latest iteration, the run's total, the iteration rate and the latest validation mIoU. A
+    record carrying "stop_iter" gives the total; otherwise the run's config.json does (schedule_length)."""
+
+    def __init__(self, folder, since):
+        self.folder, self.since = Path(folder), since
+        self.path, self.offset, self.cfg_total, self.rounds, self.by_round = None, 0, None, None, False
+        self.it = self.total = self.val = self.sub = None
+        self.first = self.last = None  # (time, iteration) of the first and latest training record
+
+    def poll(self):
+        cands = [self.folder / "log.jsonl", *self.folder.glob("*/log.jsonl")]
+        cands = [(p.stat().st_mtime, p) for p in cands if p.is_file() and p.stat().st_mtime >= self.since - 1]
+        if not cands:
+            return self
+        path = max(cands)[1]
+        if path != self.path:  # a new (sub-)run: start over
+            self.__init__(self.folder, self.since)
+            self.path = path
+            self.sub = path.parent.name if path.parent != self.folder else None
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return self
+        if self.cfg_total is None and (path.parent / "config.json").exists():
+            try:
+                cfg = json.loads((path.parent / "config.json").read_text())
+                self.cfg_total = schedule_length(cfg)
+                self.rounds = cfg.get("rounds") if isinstance(cfg.get("rounds"), int) else None
+            except ValueError:
+                pass
+        chunk = chunk[:chunk.rfind(b"\n") + 1]  # complete lines only (a line may be half-written)
+        self.offset += len(chunk)
+        for line in chunk.splitlines():
+            try:
+                self.record(json.loads(line))
+            except ValueError:
+                continue
+        return self
+
+    def record(self, r):
+        if isinstance(r.get("stop_iter"), int):
+            self.total = r["stop_iter"]
+        if isinstance(r.get("val_mIoU"), (int, float)):
+            self.val = r["val_mIoU"]
+        if str(r.get("event", "")).startswith("resumed"):  # the rate is measured from here on
+            self.first = None
+        if isinstance(r.get("iter"), int) and "event" not in r:
+            it = r["iter"]
+            if isinstance(r.get("round"), int) and self.rounds and self.cfg_total:  # d2ada/train_ada.py: per round
+                it += (r["round"] - 1) * self.cfg_total
+                self.by_round = True
+            self.it = it
+            t = r.get("time", time.time())
+            self.first = self.first or (t, it)
+            self.last = (t, it)
+
+    def progress(self):
+        """(iteration, total, seconds left or None, latest validation mIoU or None)."""
+        total = self.total or (self.cfg_total * self.rounds if self.by_round else self.cfg_total)
+        eta = None
+        if total and self.first and self.last and self.last[1] > self.first[1]:
+            rate = (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+            eta = max(0.0, (total - self.last[1]) * rate - (time.time() - self.last[0]))
+        return self.it, total, eta, self.val
+
+
+class Progress:
+    """What the benchmark prints while it runs. Event lines (a step starts, ends, fails) are always printed.
+    Live lines (one per running step: iteration / total, elapsed, ETA, latest val mIoU; then the overall
+    "step k of n" with an ETA) are redrawn in place every second on a terminal, and printed as plain lines
+    every `interval` seconds otherwise (CI, pipes, a file)."""
+
+    def __init__(self, total_steps=0, estimates=None, jobs=1, stream=None, tty=None, interval=30.0):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = 1.0 if self.tty else interval
+        self.total, self.estimates, self.jobs = total_steps, estimates or {}, jobs
+        self.lock = threading.Lock()
+        self.started = self.finished = 0
+        self.t0 = time.time()
+        self.running = {}  # (pipeline name, seed) -> dict(k, step, tail, t_step, t_pipe)
+        self.ran = {}  # (pipeline name, seed) -> seconds, pipelines run whole in this session (ETA calibration)
+        self.procs = set()  # running child processes (Ctrl-C is forwarded to them)
+        self.stopping = False
+        self.drawn, self.last_print = 0, 0.0
+
+    # called from the pipeline threads
+    def step_started(self, key, cmd, step_no, n_steps):
+        with self.lock:
+            self.started += 1
+            now = time.time()
+            out = re.search(r"--out\s+(\S+)", cmd)
+            entry = self.running.setdefault(key, {"t_pipe": now})
+            entry.update(k=self.started, step=f"step {step_no}/{n_steps} of the row", t_step=now,
+                         script=Path(shlex.split(cmd)[1]).name if len(shlex.split(cmd)) > 1 else cmd,
+                         tail=LogTail(out.group(1), now) if out else None)
+            k = self.started
+        self.message(f"[bench] step {k} of {self.total}: {key[0]} (seed {key[1]}) {entry['step']}: {shown(cmd)}")
+
+    def step_finished(self, key, seconds, ok=True, log=None):
+        with self.lock:
+            e = self.running.get(key, {})
+            self.finished += ok
+            val = e["tail"].poll().val if e.get("tail") else None
+        extra = f", last val mIoU {val:.1f}" if val is not None else ""
+        if not ok and log is not None and Path(log).exists():  # the step's last words, from its log
+            last = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()][-2:]
+            extra += f"; log {rel(log)} ends:" + "".join(f"\n    {ln[:300]}" for ln in last)
+        self.message(f"[bench] {'done' if ok else 'stopped' if self.stopping else 'FAILED'} step {e.get('k', '?')} "
+                     f"of {self.total} in {human(seconds)}: {key[0]} (seed {key[1]}){extra}")
+
+    def pipeline_finished(self, key, timed=False):
+        """timed: every step of the pipeline-seed ran now, so its time compares with the recorded one."""
+        with self.lock:
+            e = self.running.pop(key, None)
+            if e and timed:
+                self.ran[key] = time.time() - e["t_pipe"]
+
+    # called from the main thread
+    def eta(self, waiting):
+        """Seconds left overall: the recorded per-row times of the pipeline-seeds not finished, scaled by how fast
+        this session's finished pipelines ran against their records, divided among the jobs."""
+        est = self.estimates
+        done = [(s, est[k[0]]) for k, s in self.ran.items() if est.get(k[0])]
+        scale = sum(s for s, _ in done) / sum(e for _, e in done) if done else 1.0
+        left = sum(est.get(k[0], 0.0) * scale for k in waiting)
+        now = time.time()
+        for key, e in self.running.items():
+            step_eta = e["tail"].progress()[2] if e.get("tail") else None
+            left += max(est.get(key[0], 0.0) * scale - (now - e["t_pipe"]), step_eta or 0.0)
+        return left / max(1, min(self.jobs, len(waiting) + len(self.running)))
+
+    def lines(self, waiting=()):
+        now, out = time.time(), []
+        for key, e in sorted(self.running.items(), key=lambda kv: kv[1].get("k", 0)):
+            if "k" not in e:
+                continue
+            it, total, eta, val = e["tail"].poll().progress() if e.get("tail") else (None, None, None, None)
+            sub = f"/{e['tail'].sub}" if e.get("tail") and e["tail"].sub else ""
+            parts = [f"[{e['k']}/{self.total}] {key[0]} s{key[1]} {e['script']}{sub}"]
+            if it is not None:
+                parts.append(f"it {it}/{total} {100 * it / total:.0f}%" if total else f"it {it}")
+            parts.append(f"{human(now - e['t_step'])} elapsed")
+            if eta is not None:
+                parts.append(f"ETA {human(eta)}")
+            if val is not None:
+                parts.append(f"val mIoU {val:.1f}")
+            out.append(" | ".join(parts))
+        out.append(f"[bench] step {self.started} of {self.total} | {self.finished} done | "
+                   f"{human(now - self.t0)} elapsed | ETA ~{human(self.eta(waiting))} overall")
+        return out
+
+    def refresh(self, waiting=(), force=False):
+        with self.lock:
+            now = time.time()
+            if not force and now - self.last_print < self.interval:
+                return
+            self.last_print = now
+            lines = self.lines(waiting)
+            if self.tty:
+                width = max(20, shutil.get_terminal_size().columns - 1)
+                self._clear()
+                self.stream.write("".join("\x1b[2K" + ln[:width] + "\n" for ln in lines))
+                self.drawn = len(lines)
+            else:
+                self.stream.write("".join(ln + "\n" for ln in lines))
+            self.stream.flush()
+
+    def _clear(self):
+        if self.tty and self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+        self.drawn = 0
+
+    def close(self):
+        with self.lock:
+            self._clear()
+            self.stream.flush()
+
+    def message(self, text):
+        with self.lock:
+            self._clear()
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM while the benchmark runs; args[0] is the signal number."""
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+def run_step(cmd, log_path, progress=None):
+    """Run one command, its output appended to log_path; returns (seconds, peak RSS in MiB of the process tree's
+    largest process). The child runs in its own process group: a Ctrl-C reaches the benchmark, which forwards
+    it once to each running step."""
     t0 = time.time()
     with open(log_path, "a") as log:
         log.write(f"\n$ {cmd}\n")
         log.flush()
-        proc = subprocess.Popen(shlex.split(cmd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(shlex.split(cmd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        if progress is not None:
+            progress.procs.add(proc.pid)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if progress is not None:
+                progress.procs.discard(proc.pid)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"step failed (exit {proc.returncode}): {cmd}\n  see {log_path}")
+        raise RuntimeError(f"step failed (exit {proc.returncode}): {shown(cmd)}\n  see {log_path}")
     return time.time() - t0, usage.ru_maxrss / 1024
 
 
@@ -354,26 +615,192 @@ def machine():
     return f"{os.cpu_count()} CPU cores"
 
 
-def run_pipeline(p, seed, out):
-    base = out / f"seed{seed}"
-    run = base / slug(p["name"])
+def run_pipeline(p, seed, out, progress=None):
+    progress = progress or Progress(stream=open(os.devnull, "w"))
+    fmt = fmt_of(p, seed, out)
+    run = fmt["run"]
     run.mkdir(parents=True, exist_ok=True)
-    fmt = dict(py=PY, seed=seed, run=run, base=base)
     stats_file = run / "bench.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": 0.0, "peak_mib": 0.0}
-    for cmd, done in p["steps"]:
-        if Path(done.format(**fmt)).exists():
-            continue
-        print(f"[bench] {p['name']} seed {seed}: {cmd.format(**fmt)}", flush=True)
-        sec, mib = run_step(cmd.format(**fmt), run / "log.txt")
-        stats["seconds"] += sec
-        stats["peak_mib"] = max(stats["peak_mib"], mib)
-        stats["machine"] = MACHINE
-        stats_file.write_text(json.dumps(stats))
+    key = (p["name"], seed)
+    whole, ok = not any(Path(done.format(**fmt)).exists() for _, done in p["steps"]), False
+    try:
+        for i, (cmd, done) in enumerate(p["steps"]):
+            if Path(done.format(**fmt)).exists():
+                continue
+            if progress.stopping:
+                raise RuntimeError("not started: the benchmark was interrupted")
+            cmd = resumable(cmd.format(**fmt))
+            progress.step_started(key, cmd, i + 1, len(p["steps"]))
+            t0 = time.time()
+            try:
+                sec, mib = run_step(cmd, run / "log.txt", progress)
+            except RuntimeError:
+                progress.step_finished(key, time.time() - t0, ok=False, log=run / "log.txt")
+                raise
+            progress.step_finished(key, sec)
+            stats["seconds"] += sec
+            stats["peak_mib"] = max(stats["peak_mib"], mib)
+            stats["machine"] = MACHINE
+            stats_file.write_text(json.dumps(stats))
+        ok = True
+    finally:
+        progress.pipeline_finished(key, timed=ok and whole)
     res = json.loads(Path(p["result"].format(**fmt)).read_text())
     return {"mIoU": res["mIoU"], **stats}
 
 
+def resumable(cmd):
+    """An interrupted training step continues from its last checkpoint: `--resume` is added when the step's --out
+    folder holds a checkpoint.pth (the step is not done, so that run was stopped or failed). Without it the script
+    would start over and move the partial run aside."""
+    out = re.search(r"--out\s+(\S+)", cmd)
+    if out and (Path(out.group(1)) / "checkpoint.pth").exists() and "--resume" not in cmd.split():
+        return cmd + " --resume"
+    return cmd
+
+
+def signal_steps(progress, sig):
+    for pid in list(progress.procs):  # each step is its own process group (its data-loading workers included)
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def folders(p):
+    """The {base}/<folder> names a pipeline's commands touch (its dependencies on earlier pipelines)."""
+    return {m for cmd, done in p["steps"] for m in re.findall(r"\{base\}/([^/\s,]+)", cmd + " " + done)}
+
+
+def run_parallel(chosen, seeds, out, jobs, progress=None):
+    """Run pipeline-seeds `jobs` at a time; a pipeline-seed starts once every earlier chosen pipeline of its seed
+    that shares a {base} folder with it has finished. With one job they run seed by seed in table order (a whole
+    seed of the table is finished first); with more, the ready ones with the most (transitive) dependents start
+    first (the long chains). A failure skips its dependents and is reported at the end. Ctrl-C / SIGTERM
+    (Interrupted from the signal handler) is forwarded to the running steps, which are awaited; then it is
+    re-raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    progress = progress or Progress(stream=open(os.devnull, "w"))
+    keys = [(i, s) for i in range(len(chosen)) for s in seeds]
+    deps = {(i, s): {(j, s) for j in range(i) if folders(chosen[j]) & folders(chosen[i])} for i, s in keys}
+    dependents = {k: set() for k in keys}
+    for k in reversed(sorted(keys)):  # later pipelines first, so a dependent's own set is complete
+        for d in deps[k]:
+            dependents[d] |= {k} | dependents[k]
+    todo = sorted(keys, key=(lambda k: (k[1], k[0])) if jobs == 1 else (lambda k: (-len(dependents[k]), k[0], k[1])))
+    done, failed, running = set(), {}, {}
+    ex = ThreadPoolExecutor(jobs)
+    try:
+        while todo or running:
+            for k in list(todo):
+                if deps[k] & set(failed):
+                    failed[k] = "skipped: depends on a failed pipeline"
+                    todo.remove(k)
+                elif deps[k] <= done and len(running) < jobs:
+                    running[ex.submit(run_pipeline, chosen[k[0]], k[1], out, progress)] = k
+                    todo.remove(k)
+            if not running:
+                break
+            finished, _ = wait(running, timeout=progress.interval, return_when=FIRST_COMPLETED)
+            for f in finished:
+                k = running.pop(f)
+                if f.exception() is None:
+                    done.add(k)
+                else:
+                    failed[k] = str(f.exception())
+            progress.refresh([(chosen[i]["name"], s) for i, s in todo])
+    except (KeyboardInterrupt, Interrupted) as e:
+        sig = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
+        progress.stopping = True
+        if progress.procs:
+            progress.message(f"[bench] stopping: {signal.Signals(sig).name} sent to the running step(s), waiting for "
+                             f"them to exit (Ctrl-C again kills them)")
+        signal_steps(progress, sig)  # each step gets the signal once and stops on its own
+        while True:
+            try:
+                ex.shutdown(wait=True)
+                break
+            except (KeyboardInterrupt, Interrupted):
+                signal_steps(progress, signal.SIGKILL)
+        raise Interrupted(sig) from None
+    ex.shutdown(wait=True)
+    progress.close()
+    for (i, s), why in sorted(failed.items()):
+        progress.message(f"[bench] FAILED {chosen[i]['name']} seed {s}: {why}")
+    return not failed
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+def recorded_times(out):
+    """Per-row wall time of one seed (seconds) and the machine it was measured on: from the published table, then
+    from this output folder's own table (runs on this machine) where it has the row."""
+    times = {}
+    for path in (PUBLISHED.with_suffix(".json"), out / "results.json"):
+        try:
+            rows = json.loads(path.read_text()) if path.exists() else []
+        except ValueError:
+            continue
+        for r in rows:
+            if isinstance(r.get("seconds"), (int, float)) and r["seconds"] == r["seconds"]:
+                times[r["name"]] = (float(r["seconds"]), r.get("machine", "unknown machine"))
+    return times
+
+
+def plan(chosen, seeds, out):
+    """What is left to run: pipeline-seeds not finished, and the number of distinct steps not done."""
+    waiting, steps = [], set()
+    for s in seeds:
+        for p in chosen:
+            fmt = fmt_of(p, s, out)
+            if Path(p["result"].format(**fmt)).exists():
+                continue
+            waiting.append((p["name"], s))
+            steps |= {str(Path(done.format(**fmt))) for _, done in p["steps"] if not Path(done.format(**fmt)).exists()}
+    return waiting, len(steps)
+
+
+def print_plan(chosen, seeds, out, jobs, dest, times):
+    waiting, n_steps = plan(chosen, seeds, out)
+    print(f"[bench] plan: {len(chosen)} rows x {len(seeds)} seed(s) {seeds} = {len(chosen) * len(seeds)} "
+          f"pipeline-seeds; {len(chosen) * len(seeds) - len(waiting)} already finished in {rel(out)} (skipped), "
+          f"{len(waiting)} to run: {n_steps} steps, {jobs} at a time (--list names the rows)")
+    by_method = {}
+    for p in chosen:
+        m = by_method.setdefault(p["method"], [0, 0, 0.0, 0])
+        m[0] += 1
+        m[1] += len(p["steps"])
+        m[2] += times[p["name"]][0] if p["name"] in times else 0.0
+        m[3] += p["name"] not in times
+    for name, (rows, steps, sec, unknown) in by_method.items():
+        note = f" ({unknown} without a recorded time)" if unknown else ""
+        print(f"[bench]   {name:18s} {rows:3d} rows {steps:4d} steps  ~{human(sec)} per seed{note}")
+    left = sum(times[n][0] for n, _ in waiting if n in times)
+    machines = {}
+    for n, _ in waiting:
+        if n in times:
+            machines.setdefault(times[n][1], set()).add(n)
+    other = {m: len(v) for m, v in machines.items() if m != MACHINE}
+    note = "".join(f"; {c} of these rows were timed on {m}, not on this machine ({MACHINE}): their share is "
+                   f"only indicative" for m, c in other.items())
+    unknown = sorted({n for n, _ in waiting if n not in times})
+    sources = ", ".join(rel(f) for f in (PUBLISHED.with_suffix(".json"), out / "results.json") if f.exists())
+    print(f"[bench] estimate: ~{human(left)} on one job, from the recorded per-row wall times ({sources}){note}"
+          + (f"; {len(unknown)} row(s) have no recorded time" if unknown else "")
+          + (f"; with --jobs {jobs} about {human(left / jobs)} if the cores keep up" if jobs > 1 else ""))
+    print(f"[bench] each row's log: {rel(out)}/seed<N>/<row>/log.txt; the table at the end: {rel(dest)}.md/.json/.png"
+          + ("" if dest == PUBLISHED else f" (the published {rel(PUBLISHED)}.md changes only with --publish)"))
+    print("[bench] Ctrl-C stops cleanly; the same command continues (finished steps are skipped, an interrupted "
+          "training step resumes from its checkpoint)", flush=True)
+    return waiting, n_steps
+
+
+def rel(path):
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---- the table -----------------------------------------------------------------------------------------------
 def bar_chart(rows, path):
     """A horizontal bar chart of mean mIoU (+- std) per pipeline, drawn with Pillow."""
     from PIL import Image, ImageDraw
@@ -405,60 +832,22 @@ REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
 
 def collect(p, seed, out):
     """The finished result of one pipeline-seed on disk, or None."""
-    base = out / f"seed{seed}"
-    run = base / slug(p["name"])
-    res = Path(p["result"].format(py=PY, seed=seed, run=run, base=base))
+    fmt = fmt_of(p, seed, out)
+    res = Path(p["result"].format(**fmt))
     if not res.exists():
         return None
-    stats_file = run / "bench.json"
+    stats_file = fmt["run"] / "bench.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": float("nan"), "peak_mib": 0}
     stats.setdefault("machine", "2 CPU cores")  # rows measured before machines were recorded: the project's machine
     return {"mIoU": json.loads(res.read_text())["mIoU"], **stats}
 
 
-def folders(p):
-    """The {base}/<folder> names a pipeline's commands touch (its dependencies on earlier pipelines)."""
-    return {m for cmd, done in p["steps"] for m in re.findall(r"\{base\}/([^/\s,]+)", cmd + " " + done)}
+def seeds_on_disk(out):
+    return sorted(int(d.name[4:]) for d in Path(out).glob("seed*") if d.name[4:].isdigit())
 
 
-def run_parallel(chosen, seeds, out, jobs):
-    """Run pipeline-seeds `jobs` at a time; a pipeline-seed starts once every earlier chosen pipeline of its seed
-    that shares a {base} folder with it has finished. Among the ready ones, those with the most (transitive)
-    dependents start first (the long chains). A failure skips its dependents and is reported at the end."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-    keys = [(i, s) for i in range(len(chosen)) for s in seeds]
-    deps = {(i, s): {(j, s) for j in range(i) if folders(chosen[j]) & folders(chosen[i])} for i, s in keys}
-    dependents = {k: set() for k in keys}
-    for k in reversed(sorted(keys)):  # later pipelines first, so a dependent's own set is complete
-        for d in deps[k]:
-            dependents[d] |= {k} | dependents[k]
-    todo = sorted(keys, key=lambda k: (-len(dependents[k]), k[0], k[1]))
-    done, failed, running = set(), {}, {}
-    with ThreadPoolExecutor(jobs) as ex:
-        while todo or running:
-            for k in list(todo):
-                if deps[k] & set(failed):
-                    failed[k] = "skipped: depends on a failed pipeline"
-                    todo.remove(k)
-                elif deps[k] <= done and len(running) < jobs:
-                    running[ex.submit(run_pipeline, chosen[k[0]], k[1], out)] = k
-                    todo.remove(k)
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                k = running.pop(f)
-                if f.exception() is None:
-                    done.add(k)
-                else:
-                    failed[k] = str(f.exception())
-    for (i, s), why in sorted(failed.items()):
-        print(f"[bench] FAILED {chosen[i]['name']} seed {s}: {why}", flush=True)
-    return not failed
-
-
-def report(out, seeds, results):
-    """Aggregate every pipeline's finished seeds on disk (not only those run now) into .md/.json/.png."""
+def table(out, seeds):
+    """One row per pipeline with at least one finished seed among `seeds` in OUT."""
     rows = []
     for p in PIPELINES:
         per_seed = {s: r for s in seeds if (r := collect(p, s, out)) is not None}
@@ -473,6 +862,35 @@ def report(out, seeds, results):
                      "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m,
                      "machine": " / ".join(sorted({r["machine"] for r in per_seed.values()})),
                      "ref": p.get("ref", p["method"])})
+    return rows
+
+
+def report(out, seeds, dest):
+    """Aggregate the finished results in OUT (of the seeds given: every seed<N> there after a run, and for --report
+    unless --seeds is given) into DEST.md/.json/.png.
+    Publishing (DEST = the committed benchmark/results) replaces the published rows this run has and keeps the
+    others. Nothing finished: says so and writes nothing. Returns whether a table was written."""
+    rows = table(out, seeds)
+    if not rows:
+        print(f"[bench] no finished row in {rel(out)} for seed(s) {seeds}: nothing written "
+              f"(the published table is {rel(PUBLISHED)}.md)", flush=True)
+        return False
+    if dest == PUBLISHED and PUBLISHED.with_suffix(".json").exists():
+        new = {r["name"] for r in rows}
+        old = {r["name"]: r for r in json.loads(PUBLISHED.with_suffix(".json").read_text())}
+        kept = [n for n in old if n not in new and any(p["name"] == n for p in PIPELINES)]
+        dropped = [n for n in old if not any(p["name"] == n for p in PIPELINES)]
+        order = {p["name"]: i for i, p in enumerate(PIPELINES)}
+        rows = sorted(rows + [old[n] for n in kept], key=lambda r: order[r["name"]])
+        if kept:
+            print(f"[bench] publishing {len(new)} row(s); {len(kept)} published row(s) this run did not produce are "
+                  f"kept as they were: {', '.join(kept)}")
+        if dropped:
+            print(f"[bench] dropped from the published table (no longer benchmark rows): {', '.join(dropped)}")
+        fewer = [f"{r['name']} ({old[r['name']]['n']} -> {r['n']})" for r in rows
+                 if r["name"] in new and r["name"] in old and r["n"] < old[r["name"]].get("n", 0)]
+        if fewer:
+            print(f"[bench] note: {len(fewer)} published row(s) now have fewer seeds than before: {', '.join(fewer)}")
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         src, orc = (by_name.get(n) for n in REFS.get(r["ref"], ("", "")))
@@ -487,59 +905,104 @@ def report(out, seeds, results):
         lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} "
                      f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {peak} | {r['machine']} |")
     md = "\n".join(lines) + (
-        f"\n\nSeeds asked: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
+        f"\n\nSeeds: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
         "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada and d2ada; the MADAN and "
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
         f"row count once, there); wall times compare only between rows of the same machine (rows run with --jobs "
         "shared that machine with other rows).\n")
-    res = ROOT / results
-    res.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(res) + ".md").write_text(md)
-    Path(str(res) + ".json").write_text(json.dumps(rows, indent=2))
-    if rows:
-        bar_chart(rows, str(res) + ".png")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".md", md), (".json", json.dumps(rows, indent=2))):
+        tmp = dest.with_name(dest.name + suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest.with_name(dest.name + suffix))
+    bar_chart(rows, str(dest) + ".png")
     print(md)
+    print(f"[bench] table written: {rel(dest)}.md, .json, .png"
+          + (" (published)" if dest == PUBLISHED else f"; the published {rel(PUBLISHED)}.md is unchanged "
+             "(--publish updates it)"), flush=True)
+    return True
 
 
-def main():
+# ---- command line --------------------------------------------------------------------------------------------
+def _on_sigterm(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", nargs="+", default=None, help="pipeline names to run")
-    ap.add_argument("--methods", nargs="+", default=None, help="run only the pipelines of these method folders")
-    ap.add_argument("--out", default="benchmark/out", help="working folder (runs, logs)")
-    ap.add_argument("--results", default="benchmark/results", help="results prefix: .md and .png are written")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds to run (default: 0, one seed of every row; `--seeds 0 1 2` for the published three). "
+                    "The table covers every seed finished in OUT; with --report, --seeds picks the seeds it covers")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the rows of these names (see --list)")
+    ap.add_argument("--methods", nargs="+", default=None, help="run only the rows of these method folders")
+    ap.add_argument("--out", default="benchmark/out", help="working folder: OUT/seed<N>/... holds every step's run "
+                    "folder and each row's log.txt and bench.json (time, memory); the table of a run goes to "
+                    "OUT/results.md, OUT/results.json and OUT/results.png")
+    ap.add_argument("--publish", action="store_true", help="write the table to the committed benchmark/results.md, "
+                    ".json and .png instead of OUT/results.*: the rows found in OUT replace the published rows of "
+                    "the same name, the other published rows are kept")
     ap.add_argument("--jobs", type=int, default=1, help="pipeline-seeds run at once (see the docstring)")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results on disk")
-    args = ap.parse_args()
+    ap.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines when the "
+                    "output is not a terminal (on a terminal the progress lines are redrawn every second)")
+    ap.add_argument("--list", action="store_true", help="print the chosen rows (with --methods/--only), their steps, "
+                    "recorded time per seed and the seeds finished in OUT; run and write nothing")
+    ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results in OUT into "
+                    "OUT/results.* (benchmark/results.* with --publish); writes nothing if nothing has finished")
+    args = ap.parse_args(argv)
     if args.only:
         unknown = set(args.only) - {p["name"] for p in PIPELINES}
         if unknown:
-            ap.error(f"unknown pipeline name(s) {sorted(unknown)}; see --list")
+            ap.error(f"unknown row name(s) {sorted(unknown)}; see --list")
+    if args.methods:
+        unknown = set(args.methods) - {p["method"] for p in PIPELINES}
+        if unknown:
+            ap.error(f"unknown method folder(s) {sorted(unknown)}; choose from "
+                     f"{sorted({p['method'] for p in PIPELINES})}")
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     chosen = [p for p in PIPELINES if (args.only is None or p["name"] in args.only)
               and (args.methods is None or p["method"] in args.methods)]
-    if args.list:
-        for p in PIPELINES:
-            print(f"{p['name']:40s} [{p['method']}] {len(p['steps'])} steps")
-        return
     out = (ROOT / args.out).resolve()
+    dest = PUBLISHED if args.publish else out / "results"
+    times = recorded_times(out)
+    if args.list:
+        found = seeds_on_disk(out)
+        for p in chosen:
+            t = f"~{human(times[p['name']][0])}/seed ({times[p['name']][1]})" if p["name"] in times else "no recorded time"
+            fin = [s for s in found if collect(p, s, out) is not None]
+            print(f"{p['name']:48s} [{p['method']}] {len(p['steps'])} steps, {t}"
+                  + (f", finished in {rel(out)}: seeds {fin}" if fin else ""))
+        print(f"{len(chosen)} of {len(PIPELINES)} rows")
+        return 0
+    if args.report:
+        return 0 if report(out, args.seeds or seeds_on_disk(out), dest) else 1
+    seeds = args.seeds or [0]
     global MACHINE
     MACHINE = machine()
-    if not args.report:
-        t_all = time.time()
-        if args.jobs > 1:
-            ok = run_parallel(chosen, args.seeds, out, args.jobs)
-        else:
-            ok = True
-            for p in chosen:
-                for s in args.seeds:
-                    run_pipeline(p, s, out)
-        print(f"[bench] ran {len(chosen)} pipeline(s) x {len(args.seeds)} seed(s) in {time.time() - t_all:.0f} s")
-    report(out, args.seeds, args.results)
-    if not args.report and not ok:
-        sys.exit(1)
+    waiting, n_steps = print_plan(chosen, seeds, out, args.jobs, dest, times)
+    progress = Progress(n_steps, {n: t for n, (t, _) in times.items()}, args.jobs, interval=args.progress_every)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C (the steps run in their own process groups)
+        signal.signal(sig, _on_sigterm)
+    t_all = time.time()
+    try:
+        ok = run_parallel(chosen, seeds, out, args.jobs, progress)
+    except Interrupted as e:
+        code = 128 + int(e.args[0])
+        progress.message(f"[bench] interrupted after {human(time.time() - t_all)}: {progress.finished} step(s) "
+                         f"finished and kept in {rel(out)}; the interrupted step(s) left their partial run folders "
+                         f"and logs there. Continue with the same command (finished steps are skipped, an interrupted "
+                         f"training step resumes from its checkpoint); "
+                         f"`python benchmark/run.py --report` makes the table of what has finished.")
+        return code
+    print(f"[bench] ran {len(chosen)} row(s) x {len(seeds)} seed(s) in {human(time.time() - t_all)}", flush=True)
+    report(out, seeds_on_disk(out), dest)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before any step started (the steps' own Ctrl-C is handled in run_parallel)
+        print("\n[bench] interrupted before any step started: nothing was run or written")
+        sys.exit(130)

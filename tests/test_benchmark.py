@@ -44,3 +44,185 @@ def test_parallel_runs_shared_steps_once_in_order_and_isolates_failures(tmp_path
         # the shared step ran once per seed: "tail" recorded only its own second step
         assert (base / "tail/log.txt").read_text().count("$ ") == 1
         assert json.loads((base / "head/bench.json").read_text())["machine"] == "test machine"
+
+
+# ---- issue 16 items 1-2: progress, where results go, --list filters -------------------------------------------
+FAKE_STEP = '''
+import argparse, json, pathlib, time
+ap = argparse.ArgumentParser()
+ap.add_argument("--out"); ap.add_argument("--iters", type=int); ap.add_argument("--miou", type=float)
+ap.add_argument("--sleep", type=float, default=0.0)
+a = ap.parse_args()
+out = pathlib.Path(a.out); out.mkdir(parents=True, exist_ok=True)
+(out / "config.json").write_text(json.dumps({"iters": a.iters, "stop_iter": a.iters}))
+with open(out / "log.jsonl", "a") as f:
+    for it in range(a.iters):
+        f.write(json.dumps({"time": time.time(), "iter": it, "loss": 1.0}) + "\\n"); f.flush()
+        if it == 1:
+            f.write(json.dumps({"time": time.time(), "iter": it + 1, "val_mIoU": a.miou}) + "\\n"); f.flush()
+        time.sleep(a.sleep)
+(out / "final.json").write_text(json.dumps({"mIoU": a.miou}))
+'''
+
+
+def _fake_rows(tmp_path, sleep=0.0):
+    script = tmp_path / "fake_step.py"
+    script.write_text(FAKE_STEP)
+    def row(name, method, folder, miou):
+        return dict(name=name, method=method, labels="none", result=f"{{base}}/{folder}/final.json", steps=[
+            (f"{{py}} {script} --out {{base}}/{folder} --iters 4 --miou {miou} --sleep {sleep}",
+             f"{{base}}/{folder}/final.json")])
+    return [row("Fake source", "fake", "src", 10.0), row("Fake oracle", "fake", "orc", 30.0),
+            row("Fake other", "other", "oth", 20.0)]
+
+
+def _published(tmp_path, monkeypatch, rows):
+    pub = tmp_path / "published" / "results"
+    pub.parent.mkdir()
+    pub.with_suffix(".json").write_text(json.dumps(rows))
+    pub.with_suffix(".md").write_text("published table\n")
+    monkeypatch.setattr(bench, "PUBLISHED", pub)
+    return pub
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_report_on_a_fresh_tree_says_so_and_writes_nothing(tmp_path):
+    import subprocess
+    committed = {s: (ROOT / f"benchmark/results{s}").read_bytes() for s in (".md", ".json", ".png")}
+    r = subprocess.run([sys.executable, "benchmark/run.py", "--report", "--out", str(tmp_path / "out")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "no finished row" in r.stdout and "nothing written" in r.stdout
+    assert not (tmp_path / "out").exists()
+    assert {s: (ROOT / f"benchmark/results{s}").read_bytes() for s in committed} == committed
+
+
+def test_a_run_writes_under_out_and_publishes_only_with_the_flag(tmp_path, monkeypatch, capsys):
+    kept = {"name": "Fake other", "method": "other", "labels": "none", "n": 3, "seeds": [0, 1, 2], "mean": 5.0,
+            "std": 0.0, "seconds": 60.0, "peak_mib": 1.0, "per_seed": [5.0] * 3, "machine": "m", "ref": "other"}
+    pub = _published(tmp_path, monkeypatch, [
+        {**kept, "name": "Fake source", "method": "fake", "ref": "fake", "seconds": 120.0}, kept,
+        {**kept, "name": "A row no longer in the benchmark"}])
+    monkeypatch.setattr(bench, "PIPELINES", _fake_rows(tmp_path))
+    monkeypatch.setitem(bench.REFS, "fake", ("Fake source", "Fake oracle"))
+    monkeypatch.setattr(bench, "machine", lambda: "m")  # (not importing torch keeps the test fast)
+    before = _snapshot(pub.parent)
+    out = tmp_path / "out"
+    assert bench.main(["--methods", "fake", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # the plan: rows, seeds, steps, and the estimate from the recorded time of the one row that has one
+    assert "2 rows x 1 seed(s) [0]" in text and "2 steps" in text and "estimate: ~2m00s" in text
+    assert "1 row(s) have no recorded time" in text
+    assert _snapshot(pub.parent) == before  # the published table is untouched without --publish
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["Fake source", "Fake oracle"]
+    assert (out / "results.md").exists() and (out / "results.png").exists()
+    # --publish: the rows found in OUT replace theirs, the published row this run did not produce stays
+    assert bench.main(["--report", "--publish", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kept as they were: Fake other" in text and "fewer seeds than before: Fake source (3 -> 1)" in text
+    assert "dropped from the published table (no longer benchmark rows): A row no longer in the benchmark" in text
+    published = json.loads(pub.with_suffix(".json").read_text())
+    assert [r["name"] for r in published] == ["Fake source", "Fake oracle", "Fake other"]
+    assert published[2] == {**kept, "gap_closed": None}
+    assert published[0]["mean"] == 10.0 and published[1]["gap_closed"] == 1.0
+    assert pub.with_suffix(".png").exists() and "| Fake oracle |" in pub.with_suffix(".md").read_text()
+
+
+def test_list_honours_methods_and_only(monkeypatch, capsys):
+    assert bench.main(["--list", "--methods", "mada"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    mada = [p["name"] for p in bench.PIPELINES if p["method"] == "mada"]
+    assert len(rows) == len(mada) + 1 and all("[mada]" in r for r in rows[:-1])
+    assert rows[-1] == f"{len(mada)} of {len(bench.PIPELINES)} rows"
+    assert bench.main(["--list", "--only", "Source only"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("Source only ")
+
+
+def test_progress_lines_follow_the_running_steps_log(tmp_path, monkeypatch):
+    import io
+    monkeypatch.setattr(bench, "MACHINE", "test machine")
+    pipes = _fake_rows(tmp_path, sleep=0.4)[:1]
+    stream = io.StringIO()
+    progress = bench.Progress(total_steps=1, estimates={"Fake source": 3.0}, stream=stream, tty=False, interval=0.1)
+    assert bench.run_parallel(pipes, [0], tmp_path / "out", jobs=1, progress=progress)
+    text = stream.getvalue()
+    assert "[bench] step 1 of 1: Fake source (seed 0)" in text and "[bench] done step 1 of 1" in text
+    live = [ln for ln in text.splitlines() if ln.startswith("[1/1] Fake source s0 fake_step.py")]
+    assert any("| it 2/4 50%" in ln for ln in live), text  # iteration / total read from log.jsonl
+    assert any("| val mIoU 10.0" in ln and "| ETA " in ln for ln in live), text
+    assert "[bench] step 1 of 1 | " in text and "ETA ~" in text  # the overall line
+    # on a terminal the live lines are redrawn in place
+    tty = io.StringIO()
+    progress = bench.Progress(total_steps=1, stream=tty, tty=True)
+    progress.running[("row", 0)] = {"k": 1, "t_step": 0.0, "t_pipe": 0.0, "script": "x.py", "tail": None}
+    progress.refresh(force=True)
+    progress.refresh(force=True)
+    assert tty.getvalue().count("\x1b[2F\x1b[J") == 1 and tty.getvalue().count("[1/1] row s0 x.py") == 2
+
+
+def test_schedule_length_of_each_kind_of_run():
+    assert bench.schedule_length({"iters": 600, "stop_iter": 600}) == 600
+    assert bench.schedule_length({"iters": 200000, "stop_iter": 80000}) == 80000
+    assert bench.schedule_length({"source_iters": 300, "iters": 150, "stop_iter": None}) == 450  # TUFL
+    assert bench.schedule_length({"epochs": 5, "epoch_iters": 40, "iters": None, "stop_iter": None}) == 200
+    assert bench.schedule_length({"max_epoch": 4, "epoch_iters": 200, "stop_iter": None}) == 800
+    assert bench.schedule_length({"epochs": 200, "epoch_iters": None, "iters": None}) is None
+
+
+def test_ctrl_c_stops_the_step_keeps_finished_ones_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import time
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmark')!r}); import run, pathlib\n"
+              f"run.machine = lambda: 'test machine'\n"
+              f"rows = run.PIPELINES = {_fake_rows(tmp_path)[:1]!r}\n"
+              f"rows.append(dict(rows[0], name='Slow', result='{{base}}/slow/final.json', steps=[(rows[0]['steps'][0][0]"
+              f".replace('src', 'slow').replace('--sleep 0.0', '--sleep 30'), '{{base}}/slow/final.json')]))\n"
+              f"sys.exit(run.main(['--out', {str(tmp_path / 'out')!r}, '--progress-every', '0.2']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = tmp_path / "out/seed0/slow/log.jsonl"
+    for _ in range(600):
+        if log.exists():
+            break
+        time.sleep(0.1)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, text
+    assert time.time() - t0 < 20  # the 2-minute step was stopped, not awaited
+    assert "Traceback" not in text and "[bench] interrupted after" in text and "1 step(s) finished" in text
+    assert (tmp_path / "out/seed0/src/final.json").exists() and not (tmp_path / "out/seed0/slow/final.json").exists()
+
+
+def test_an_interrupted_training_step_resumes_from_its_checkpoint(tmp_path):
+    cmd = f"python x/train.py --seed 0 --out {tmp_path}/run"
+    assert bench.resumable(cmd) == cmd  # nothing there: start
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/log.jsonl").write_text("")
+    assert bench.resumable(cmd) == cmd  # no checkpoint yet: start over
+    (tmp_path / "run/checkpoint.pth").write_bytes(b"")
+    assert bench.resumable(cmd) == cmd + " --resume"
+    assert bench.resumable(cmd + " --resume") == cmd + " --resume"
+    assert bench.resumable("python x/test.py --split test") == "python x/test.py --split test"
+
+
+def test_the_log_reader_counts_rounds_and_restarts_the_rate_after_a_resume(tmp_path):
+    run = tmp_path / "ada"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"iters": 60, "stop_iter": 60, "rounds": 5}))
+    import time
+    now = time.time()
+    lines = [{"round": 0, "val_mIoU": 30.0}, {"time": now - 415, "round": 1, "iter": 0},
+             {"time": now - 405, "round": 1, "iter": 20}, {"time": now - 15, "event": "resumed", "round": 2, "iter": 20},
+             {"time": now - 5, "round": 2, "iter": 40}, {"time": now, "round": 2, "iter": 50}, '{"half": ']
+    (run / "log.jsonl").write_text("\n".join(ln if isinstance(ln, str) else json.dumps(ln) for ln in lines))
+    it, total, eta, val = bench.LogTail(run, since=0).poll().progress()
+    assert (it, total, val) == (60 + 50, 5 * 60, 30.0)  # round 2, iteration 50 of 5 rounds x 60
+    # 0.5 s / iteration since the resume, not 3.8 s / iteration across the pause before it
+    assert eta is not None and (300 - 110) * 0.5 - 30 < eta <= (300 - 110) * 0.5
