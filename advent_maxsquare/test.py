@@ -1,4 +1,4 @@
-"""Evaluate checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA models), the
+r"""Evaluate checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA models), the
 per-class IoU table, optional flip TTA, colour-coded predictions. The protocol of AdaptSegNet/ADVENT:
 images at the evaluation size (Cityscapes 1024x512), logits upsampled to the full label resolution.
 
@@ -34,6 +34,7 @@ from common.datasets import eval_set, resolve_domain
 from common.evaluate import adabn_on_domain, evaluate  # adabn_on_domain: the AdaBN control (--adabn)
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
+from common.transforms import Compose, Resize
 
 
 def parse_args(argv=None):
@@ -45,7 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
-    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--resize-labels", action="store_true", help="MaxSquare's protocol (tools/evaluate.py:248-251): "
+                   "labels resized (nearest) to the evaluation input size, instead of the prediction upsampled to "
+                   "the full label resolution (AdaptSegNet/ADVENT, the default)")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions "
+                   "and predictions/grid.png (input | ground truth | prediction | errors of the first 4, legend)")
+    p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
+                   "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
+                   "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
     p.add_argument("--adabn", action="store_true", help="AdaBN: re-estimate BN running statistics on the "
                    "unlabelled target train split (cumulative average, train-time input size) before evaluating")
     p.add_argument("--adabn-images", type=int, default=0, help="AdaBN: use the first N shuffled images (0 = all)")
@@ -70,6 +78,8 @@ def main(args):
         other = other.to(device, memory_format=rt.memory_format(amp))
     tgt, _, root = resolve_domain(args.target, args.target_root, "target")
     data = eval_set(tgt, root, cfg["num_classes"], cfg["norm"], args.split)
+    if args.resize_labels:  # MaxSquare: image and label both at the input size (nearest for the label)
+        data.transform = Compose([Resize(data.transform.transforms[0].size_hw)])
     split = args.split or "val"
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
     if rank == 0:
@@ -84,9 +94,11 @@ def main(args):
         print(f"[test] AdaBN: BN statistics re-estimated on {n} {tgt} train images")
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
-                   rank=rank, world_size=world, workers=args.workers, ensemble=other)
+                   rank=rank, world_size=world, workers=args.workers, ensemble=other,
+                   label_id_dir=args.save_label_ids)
     report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
-              "flip": args.flip, "adabn": args.adabn, "last": res, "mIoU": res["mIoU"], "images": len(data),
+              "flip": args.flip, "resize_labels": args.resize_labels, "adabn": args.adabn, "last": res,
+              "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
     # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label
     # them: 'best' is selected on this very split, so it is optimistic.
@@ -117,4 +129,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

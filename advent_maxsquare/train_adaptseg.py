@@ -1,4 +1,4 @@
-"""AdaptSegNet (Tsai et al., CVPR 2018, wasidennis/AdaptSegNet): adversarial adaptation in the output
+r"""AdaptSegNet (Tsai et al., CVPR 2018, wasidennis/AdaptSegNet): adversarial adaptation in the output
 space, from a labelled source to an unlabelled target, starting from a source-only checkpoint
 (train_source.py) or from backbone weights. Seed 003's variant (Adversarial_DA_Exp) is the same with
 DeepLabV3+ (single level) and its Cityscapes group0 -> group1 split.
@@ -10,7 +10,8 @@ DeepLabV3+ (single level) and its Cityscapes group0 -> group1 split.
 
 Toy domains (no arguments; starts from runs/advent_maxsquare/source/model.pth when it exists):
     python advent_maxsquare/train_adaptseg.py
-GTA5 -> Cityscapes, DeepLabV2-R101 multi-level, the paper's recipe (one stage from ImageNet/COCO weights):
+GTA5 -> Cityscapes, DeepLabV2-R101 multi-level, the released recipe (one stage from ImageNet/COCO weights; no
+augmentation; every BN's affine frozen, running statistics updated):
     python advent_maxsquare/train_adaptseg.py --source gta5 --source-root /data/GTA5 \
         --target cityscapes --target-root /data/cityscapes \
         --init /weights/DeepLab_resnet_pretrained_init-f81d91e8.pth --init-format caffe
@@ -44,15 +45,18 @@ from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
 
 SOURCE_CKPT = "runs/advent_maxsquare/source/model.pth"  # what train_source.py writes with no arguments
 # Defaults. PAPER: AdaptSegNet's train_gta2cityscapes_multi.py (SGD 2.5e-4, momentum 0.9, wd 5e-4; D Adam
-# 1e-4 betas (0.9, 0.99); poly 0.9 over 250k iterations stopped at 150k; batch 1; multi-level).
+# 1e-4 betas (0.9, 0.99); poly 0.9 over 250k iterations stopped at 150k; batch 1; multi-level; no augmentation;
+# every BN's affine frozen, train mode; a snapshot every 5000; README's recipe table has the file:line of each).
 # TOY: a few hundred iterations from the toy source-only model (single-level, as train_source.py trains
 # it by default), a larger lr and batch, and the target weights x10 so that 300 iterations can move the
 # model at all.
 PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None, iters=250000,
              stop_iter=150000, batch_size=1, lr=2.5e-4, lr_d=1e-4, multi=1, lambda_main=1e-3, lambda_aux=2e-4,
-             eval_every=2000, save_every=2000, out="runs/advent_maxsquare/adaptseg")
+             random_mirror=0, blur=0, freeze_bn="all",
+             eval_every=5000, save_every=5000, out="runs/advent_maxsquare/adaptseg")
 TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", init_from=SOURCE_CKPT, iters=300,
            batch_size=8, lr=2.5e-3, lr_d=1e-4, multi=0, lambda_main=1e-2, lambda_aux=2e-3,
+           random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/adaptseg")
 
 
@@ -74,9 +78,15 @@ def parse_args(argv=None):
     g.add_argument("--lr-d", type=float, default=None, help="discriminator Adam lr (poly schedule too)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
-    g.add_argument("--blur", type=int, default=1, choices=[0, 1], help="Gaussian blur p 0.5, radius U(0,1) (MaxSquare)")
-    g.add_argument("--freeze-bn", action="store_true", help="freeze BN affine params (AdaptSegNet/ADVENT)")
+    g.add_argument("--random-mirror", type=int, default=None, choices=[0, 1],
+                   help="random horizontal flip (default: the preset's, see PAPER/TOY)")
+    g.add_argument("--blur", type=int, default=None, choices=[0, 1],
+                   help="Gaussian blur p 0.5, radius U(0,1), MaxSquare's (default: the preset's)")
+    g.add_argument("--target-crop-size", type=cli.hw, default=None, help="target training input size H,W (images "
+                   "resized to it; default: the target domain's, Cityscapes 512,1024)")
+    g.add_argument("--freeze-bn", nargs="?", const="all", default=None, choices=["none", "stem", "all"],
+                   help="BN affine params not trained (running statistics still update: train mode): "
+                   "all (AdaptSegNet/ADVENT), stem = the ResNet's first BN only (MaxSquare), none; bare = all")
     g.add_argument("--two-branch", action="store_true", help="upstream 2-branch ASPP bug (compatibility)")
     args = p.parse_args(argv)
     explicit_init_from = args.init_from is not None
@@ -148,10 +158,10 @@ def main(args):
     log.log({"event": "init", **init, "config": mcfg})
     if args.multi and not mcfg["multi_level"]:
         raise SystemExit(f"--multi 1 needs an aux head, which this {mcfg['model']} has not (a checkpoint from "
-                         "train_source.py without --multi, or DeepLabV3+): retrain with --multi or pass --multi 0")
+                         "train_source.py --multi 0, or DeepLabV3+): retrain with --multi 1 or pass --multi 0")
     levels = ["out", "aux"] if args.multi else ["out"]
-    if args.freeze_bn:
-        rt.freeze_bn_affine(model)
+    if args.freeze_bn != "none":  # all: AdaptSegNet/ADVENT; stem: MaxSquare (requires_grad off on bn1 only)
+        rt.freeze_bn_affine(model.backbone.bn1 if args.freeze_bn == "stem" else model)
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
     # -- method: one discriminator per output level, on C-channel softmax maps --
     discs = {l: FCDiscriminator(args.num_classes).to(device).train() for l in levels}
@@ -162,7 +172,7 @@ def main(args):
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     crop = args.crop_size or DOMAINS[src][3]
-    crop_t = DOMAINS[tgt][3]
+    crop_t = args.target_crop_size or DOMAINS[tgt][3]
     aug = ([RandomHFlip()] if args.random_mirror else []) + ([GaussianBlur()] if args.blur else [])
     source = train_set(src, src_root, args.num_classes, mcfg["norm"], Compose([Resize(crop)] + aug))
     target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], Compose([Resize(crop_t)] + aug),
@@ -206,6 +216,9 @@ def main(args):
         batch, batch_t = next(batches), next(batches_t)
         x, y = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
         x_t = rt.to_device(batch_t["image"], device, amp)
+        if it == start:  # what the network is actually fed (the paper-preset smoke tests check it)
+            log.log({"event": "inputs", "source": list(x.shape), "target": list(x_t.shape),
+                     "labels": sorted(y.unique().tolist()), "ignore_share": round((y == 255).float().mean().item(), 5)})
         optimizer.zero_grad(set_to_none=True)
         if opt_d is not None:
             opt_d.zero_grad(set_to_none=True)
@@ -249,7 +262,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -263,9 +276,10 @@ def main(args):
                                    discriminators={l: D.state_dict() for l, D in discs.items()},
                                    optimizer_d=opt_d.state_dict() if opt_d is not None else {},
                                    scaler=scaler.state_dict(), iter=it + 1, rng=rngs, best=best, config=mcfg)
-                (out / "snapshots").mkdir(exist_ok=True)
-                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
-                                   config=mcfg, iter=it + 1)
+                if args.keep_snapshots:
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                       config=mcfg, iter=it + 1)
 
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
@@ -280,4 +294,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

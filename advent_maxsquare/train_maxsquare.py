@@ -1,4 +1,4 @@
-"""MaxSquare (Chen et al., ICCV 2019, ZJULearning/MaxSquareLoss): adaptation by the maximum squares
+r"""MaxSquare (Chen et al., ICCV 2019, ZJULearning/MaxSquareLoss): adaptation by the maximum squares
 loss on the target, from a labelled source to an unlabelled target, starting from a source-only
 checkpoint (train_source.py: MaxSquare's stage 1) or from backbone weights.
 
@@ -14,10 +14,13 @@ checkpoint (train_source.py: MaxSquare's stage 1) or from backbone weights.
 Toy domains (no arguments; starts from runs/advent_maxsquare/source/model.pth when it exists):
     python advent_maxsquare/train_maxsquare.py
     python advent_maxsquare/train_maxsquare.py --target-loss iw_maxsquare --out runs/advent_maxsquare/iw_maxsquare
-GTA5 -> Cityscapes, DeepLabV2-R101, MS+IW+Multi, from a multi-level source-only checkpoint (README recipe):
+GTA5 -> Cityscapes, DeepLabV2-R101, from a source-only checkpoint (train_source.py), upstream README's recipes
+(5 rounds x 2 passes over Cityscapes train = 29,750 iterations; only the stem BN frozen; mirror + blur):
     python advent_maxsquare/train_maxsquare.py --source gta5 --source-root /data/GTA5 \
-        --target cityscapes --target-root /data/cityscapes --init-from runs/gta5_source/model.pth \
-        --target-loss iw_maxsquare --multi 1 --lambda-target 0.09
+        --target cityscapes --target-root /data/cityscapes --init-from runs/gta5_source/model.pth   # MS
+  MS+IW: ... --target-loss iw_maxsquare
+  MS+IW+Multi (from a train_source.py --multi 1 checkpoint): ... --target-loss iw_maxsquare --multi 1 \
+        --lambda-target 0.09 --target-crop-size 640,1280
 SYNTHIA -> Cityscapes, 16 classes (mIoU16 and mIoU13 reported): ... --source synthia --num-classes 16
 Several processes:
     torchrun --nproc_per_node=2 advent_maxsquare/train_maxsquare.py
@@ -41,16 +44,20 @@ from common.models import make_segmenter, segmenter_from_checkpoint
 from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
 
 SOURCE_CKPT = "runs/advent_maxsquare/source/model.pth"  # what train_source.py writes with no arguments
-# Defaults. PAPER: MaxSquare's solve_gta5.py and README (SGD 2.5e-4 restarted, momentum 0.9, wd 5e-4; poly
-# 0.9 over 2 epochs of GTA5 train = 2 x 12,403 iterations; batch 1; lambda_target 0.1; the multi-level
-# recipe uses lambda_target 0.09).
+# Defaults. PAPER: MaxSquare's solve_gta5.py and README (SGD 2.5e-4 restarted, momentum 0.9, wd 5e-4; poly 0.9
+# over round_num 5 x epoch_each_round 2 passes of zip(source, target) loaders, i.e. 10 x 2,975 Cityscapes steps;
+# validation every pass; batch 1; random mirror and Gaussian blur; --freeze_bn False = only the stem bn1 frozen;
+# lambda_target 0.1, the multi-level recipe 0.09 and --target-crop-size 640,1280; README's recipe table has the
+# file:line of each).
 # TOY: a few hundred iterations from the toy source-only model (single-level, as train_source.py trains
 # it by default), a larger lr and batch; lambda_target as the paper.
-PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None, iters=24806,
-             stop_iter=24806, batch_size=1, lr=2.5e-4, multi=0, lambda_target=0.1,
-             eval_every=2000, save_every=2000, out="runs/advent_maxsquare/maxsquare")
+PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None, iters=None, stop_iter=None,
+             round_num=5, epoch_each_round=2, batch_size=1, lr=2.5e-4, multi=0, lambda_target=0.1,
+             random_mirror=1, blur=1, freeze_bn="stem",
+             eval_every=None, save_every=None, out="runs/advent_maxsquare/maxsquare")
 TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", init_from=SOURCE_CKPT, iters=300,
-           batch_size=8, lr=2.5e-3, multi=0, lambda_target=0.1,
+           round_num=0, epoch_each_round=2, batch_size=8, lr=2.5e-3, multi=0, lambda_target=0.1,
+           random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/maxsquare")
 
 
@@ -63,6 +70,9 @@ def parse_args(argv=None):
     g.add_argument("--lambda-target", type=float, default=None, help="weight of the target loss (paper 0.1)")
     g.add_argument("--iw-ratio", type=float, default=0.2, help="alpha of the image-wise class-balanced weight")
     g.add_argument("--threshold", type=float, default=0.95, help="confidence of self-produced guidance (--multi 1)")
+    g.add_argument("--round-num", type=int, default=None, help="length in rounds of --epoch-each-round passes over the "
+                   "shorter of the two training sets (paper 5; 0 = use --iters; an explicit --iters sets it to 0)")
+    g.add_argument("--epoch-each-round", type=int, default=None, help="passes per round (paper 2)")
     g.add_argument("--init-from", default=None, help="source-only checkpoint (model.pth of train_source.py), "
                    "loaded strictly; 'scratch' = use --init instead (toy default: " + SOURCE_CKPT + " if present)")
     g.add_argument("--multi", type=int, default=None, choices=[0, 1],
@@ -70,14 +80,24 @@ def parse_args(argv=None):
     g.add_argument("--lambda-seg", type=float, default=0.1, help="weight of the aux CE with --multi 1")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
-    g.add_argument("--blur", type=int, default=1, choices=[0, 1], help="Gaussian blur p 0.5, radius U(0,1) (MaxSquare)")
-    g.add_argument("--freeze-bn", action="store_true", help="freeze BN affine params (AdaptSegNet/ADVENT)")
+    g.add_argument("--random-mirror", type=int, default=None, choices=[0, 1],
+                   help="random horizontal flip (default: the preset's, see PAPER/TOY)")
+    g.add_argument("--blur", type=int, default=None, choices=[0, 1],
+                   help="Gaussian blur p 0.5, radius U(0,1), MaxSquare's (default: the preset's)")
+    g.add_argument("--target-crop-size", type=cli.hw, default=None, help="target training input size H,W (images "
+                   "resized to it; default: the target domain's, Cityscapes 512,1024)")
+    g.add_argument("--freeze-bn", nargs="?", const="all", default=None, choices=["none", "stem", "all"],
+                   help="BN affine params not trained (running statistics still update: train mode): "
+                   "all (AdaptSegNet/ADVENT), stem = the ResNet's first BN only (MaxSquare), none; bare = all")
     g.add_argument("--two-branch", action="store_true", help="upstream 2-branch ASPP bug (compatibility)")
     args = p.parse_args(argv)
     explicit_init_from = args.init_from is not None
+    if args.iters is not None and args.round_num is None:  # an explicit length replaces the round-based one
+        args.round_num = 0
     cli.fill_defaults(args, TOY, PAPER)
     cli.default_num_classes(args)
+    if not args.round_num:  # a length in iterations: validate and save every 2000 unless told
+        args.eval_every, args.save_every = args.eval_every or 2000, args.save_every or 2000
     if not explicit_init_from and args.init_from == SOURCE_CKPT and not Path(SOURCE_CKPT).exists():
         args.init_from = "scratch (toy default: " + SOURCE_CKPT + " not found)"
     if args.init is not None and not explicit_init_from and args.init != "scratch":
@@ -124,6 +144,16 @@ def self_produced_guidance(prob, prob_aux, threshold=0.95):
     return torch.where(confident, label, torch.full_like(label, 255))
 
 
+def round_schedule(n_source, n_target, batch, epoch_each_round, round_num):
+    """MaxSquare's length (solve_gta5.py:156, 171, 181): an epoch is one pass of zip(source loader, target
+    loader), i.e. min(n_s, n_t) // batch steps (drop_last); round_num rounds of epoch_each_round epochs. The poly
+    schedule runs over its iter_max = ((n_t + batch) // batch, at most 5000) * epochs (City_DataLoader's
+    num_iterations, one more than the steps of an epoch). Returns (poly length, iterations, steps per epoch)."""
+    per_epoch = min(n_source // batch, n_target // batch)
+    epochs = epoch_each_round * round_num
+    return min((n_target + batch) // batch, 5000) * epochs, per_epoch * epochs, per_epoch
+
+
 def target_loss(name, logits, alpha):
     if name == "maxsquare":
         return maxsquare_loss(F.softmax(logits.float(), 1))
@@ -159,22 +189,31 @@ def main(args):
     log.log({"event": "init", **init, "config": mcfg})
     if args.multi and not mcfg["multi_level"]:
         raise SystemExit(f"--multi 1 needs an aux head, which this {mcfg['model']} has not (a checkpoint from "
-                         "train_source.py without --multi, or DeepLabV3+): retrain with --multi or pass --multi 0")
+                         "train_source.py --multi 0, or DeepLabV3+): retrain with --multi 1 or pass --multi 0")
     levels = ["out", "aux"] if args.multi else ["out"]
-    if args.freeze_bn:
-        rt.freeze_bn_affine(model)
+    if args.freeze_bn != "none":  # all: AdaptSegNet/ADVENT; stem: MaxSquare (requires_grad off on bn1 only)
+        rt.freeze_bn_affine(model.backbone.bn1 if args.freeze_bn == "stem" else model)
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
 
     # ---- data ------------------------------------------------------------------------------------
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     crop = args.crop_size or DOMAINS[src][3]
-    crop_t = DOMAINS[tgt][3]
+    crop_t = args.target_crop_size or DOMAINS[tgt][3]
     aug = ([RandomHFlip()] if args.random_mirror else []) + ([GaussianBlur()] if args.blur else [])
     source = train_set(src, src_root, args.num_classes, mcfg["norm"], Compose([Resize(crop)] + aug))
     target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], Compose([Resize(crop_t)] + aug),
                        with_labels=False)
     val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+    # -- method: the round-based length (validation and a checkpoint after every pass, as upstream) --
+    if args.round_num:
+        iters, stop, per_epoch = round_schedule(len(source), len(target), args.batch_size * world,
+                                                args.epoch_each_round, args.round_num)
+        args.iters, args.stop_iter = iters, args.stop_iter or stop
+        args.eval_every, args.save_every = args.eval_every or per_epoch, args.save_every or per_epoch
+        log.log({"event": "schedule", "round_num": args.round_num, "epoch_each_round": args.epoch_each_round,
+                 "steps_per_epoch": per_epoch, "iters": args.iters, "stop_iter": args.stop_iter})
+    # -- end of method --
 
     # ---- optimiser, resume -----------------------------------------------------------------------
     optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay)
@@ -204,6 +243,9 @@ def main(args):
         batch, batch_t = next(batches), next(batches_t)
         x, y = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
         x_t = rt.to_device(batch_t["image"], device, amp)
+        if it == start:  # what the network is actually fed (the paper-preset smoke tests check it)
+            log.log({"event": "inputs", "source": list(x.shape), "target": list(x_t.shape),
+                     "labels": sorted(y.unique().tolist()), "ignore_share": round((y == 255).float().mean().item(), 5)})
         optimizer.zero_grad(set_to_none=True)
         # -- method: (1) source CE; (2) target: lambda_t L_t(P_t) [+ self-produced guidance on the aux head] --
         with rt.autocast(device, amp):
@@ -234,7 +276,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -246,9 +288,10 @@ def main(args):
             if rank == 0:
                 rt.save_checkpoint(out / "checkpoint.pth", model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    scaler=scaler.state_dict(), iter=it + 1, rng=rngs, best=best, config=mcfg)
-                (out / "snapshots").mkdir(exist_ok=True)
-                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
-                                   config=mcfg, iter=it + 1)
+                if args.keep_snapshots:
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                       config=mcfg, iter=it + 1)
 
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
@@ -263,4 +306,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -159,6 +159,30 @@ PIPELINES = [
          "--out {base}/mada/stage2_mada", "{base}/mada/stage2_mada/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # Ablation (issue 14): absent classes masked out of the anchor distance instead of upstream's zero rows.
+    dict(name="MADA stage 1, absent classes masked (ablation)", method="mada", labels="5% of target images (20)",
+         steps=[
+        ("{py} mada/cluster_anchors.py --seed {seed} --absent mask --features {base}/mada/features/source_warmup "
+         "--out {base}/mada/anchors/source_warmup_mask", "{base}/mada/anchors/source_warmup_mask/final.json"),
+        ("{py} mada/select_active.py --criterion mada --absent mask --features {base}/mada/features/target_warmup "
+         "--source-anchors {base}/mada/anchors/source_warmup_mask --out {base}/mada/select_mada_mask",
+         "{base}/mada/select_mada_mask/final.json"),
+        ("{py} mada/train_stage1.py --seed {seed} --init-from {base}/mada/warmup/model.pth "
+         "--selection {base}/mada/select_mada_mask --out {base}/mada/stage1_mada_mask",
+         "{base}/mada/stage1_mada_mask/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage1_mada_mask/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    dict(name="MADA stage 2, absent classes masked (ablation)", method="mada", labels="5% of target images (20)",
+         steps=[
+        ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada_mask/model.pth "
+         "--out {base}/mada/features/target_stage1_mada_mask", "{base}/mada/features/target_stage1_mada_mask/final.json"),
+        ("{py} mada/cluster_anchors.py --seed {seed} --absent mask --features {base}/mada/features/target_stage1_mada_mask "
+         "--out {base}/mada/anchors/target_stage1_mada_mask", "{base}/mada/anchors/target_stage1_mada_mask/final.json"),
+        ("{py} mada/train_stage2.py --seed {seed} --absent mask --init-from {base}/mada/stage1_mada_mask/model.pth "
+         "--anchors {base}/mada/anchors/target_stage1_mada_mask --selection {base}/mada/select_mada_mask "
+         "--out {base}/mada/stage2_mada_mask", "{base}/mada/stage2_mada_mask/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada_mask/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="MADAv2 step 1 (5% images, CE)", method="mada", labels="5% of target images (20)", steps=[
         ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_warmup "
          "--out {base}/mada/anchors/target_warmup", "{base}/mada/anchors/target_warmup/final.json"),
@@ -223,6 +247,13 @@ PIPELINES = [
         ("{py} d2ada/train_ada.py --selection uncertainty --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_uncertainty", "{base}/d2ada_uncertainty/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_uncertainty/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # Ablation (ours, issue 14): the class-conditional densities fitted on a 32-d PCA of the region features.
+    dict(name="D2ADA ablation (ours): density on a 32-d PCA (5%)", method="d2ada",
+         labels="5% of target pixels (regions)", steps=[
+        ("{py} d2ada/train_ada.py --density-pca 32 --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
+         "--out {base}/d2ada_pca32", "{base}/d2ada_pca32/final.json"),
+        ("{py} d2ada/test.py --checkpoint {base}/d2ada_pca32/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- madan ----
     # MADAN (16 classes: toy_synthia + toy_gta5 -> toy_cityscapes). Steps shared between these pipelines live

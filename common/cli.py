@@ -49,6 +49,9 @@ def add_common_args(p, source="toy", target="toy"):
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (full state)")
     g.add_argument("--eval-every", type=int, default=None, help="validate on the target every N iterations")
     g.add_argument("--save-every", type=int, default=None, help="write OUT/checkpoint.pth every N iterations")
+    g.add_argument("--keep-snapshots", action="store_true", help="also keep OUT/best_model.pth (best validation "
+                   "mIoU) and OUT/snapshots/iter_N.pth at every --save-every (off: a run keeps its resumable "
+                   "checkpoint.pth and the final model.pth only)")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUT/tb (needs tensorboard)")
     return p
 
@@ -65,6 +68,18 @@ def fill_defaults(args, toy, paper):
             setattr(args, k, v)
     if args.stop_iter is None:
         args.stop_iter = args.iters
+    clamp_stop(args)
+    return args
+
+
+def clamp_stop(args, iters=None, name="--iters"):
+    """A --stop-iter past the end of the poly schedule (e.g. the real-data preset's with --iters 2) would
+    drive the learning rate through a negative base: it is clamped to the schedule's end, said in one line."""
+    iters = args.iters if iters is None else iters
+    if args.stop_iter is not None and iters is not None and args.stop_iter > iters:
+        print(f"[config] --stop-iter {args.stop_iter} is past the end of the schedule ({name} {iters}): "
+              f"stopping at {iters}", flush=True)
+        args.stop_iter = iters
     return args
 
 

@@ -5,6 +5,7 @@ A dataset item is a dict: image (float CHW, normalised for the model's init), la
 class indices, 255 = ignore; absent for unlabeled sets), index, name (path relative to the root).
 """
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,10 @@ RAW_MAPS = {"gta5": L.GTA5_ID_TO_TRAINID, "cityscapes": L.CITYSCAPES_ID_TO_TRAIN
 
 class DatasetLayoutError(FileNotFoundError):
     pass
+
+
+class DatasetError(ValueError):
+    """A dataset whose files are there but wrong (missing labels, image/label size mismatch)."""
 
 
 def _layout_error(kind, root, missing):
@@ -342,3 +347,67 @@ def eval_set(name, root, num_classes, norm, split=None):
     if split is None:
         raise ValueError(f"{name} has no evaluation split; evaluate on a target domain")
     return build_dataset(kind, root, split, num_classes, Compose([Resize(eval_hw, resize_label=False)]), norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Up-front check of a whole dataset (every script, before its run folder is touched)
+# ----------------------------------------------------------------------------------------------
+def png_size(path):
+    """(H, W) from a PNG's header (24 bytes read), or None for another format."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 24:
+        return None
+    w, h = struct.unpack(">II", head[16:24])
+    return h, w
+
+
+def check_files(files, label=True):
+    """Problems of a file list: a missing image or label, an image/label size mismatch (PNG headers)."""
+    problems = []
+    for img, lbl in files:
+        if not Path(img).is_file():
+            problems.append(f"image missing: {img}")
+        elif label and lbl is not None and not Path(lbl).is_file():
+            problems.append(f"label missing: {lbl} (for {img})")
+        elif label and lbl is not None:
+            a, b = png_size(img), png_size(lbl)
+            if b is None and Path(lbl).suffix.lower() == ".png":
+                problems.append(f"label {lbl} is not a PNG file")
+            elif a is not None and b is not None and a != b:
+                problems.append(f"size mismatch: image {img} is {a[0]}x{a[1]} but label {lbl} is {b[0]}x{b[1]}")
+    return problems
+
+
+_CHECKED = set()
+
+
+def check_domain(name, root=None, role="source", num_classes=None):
+    """Check a --source/--target dataset as a whole before training starts: its layout, and every file of
+    the splits a script reads (source: the labelled train split; target: the train split, with its labels
+    where the dataset ships them, and the labelled evaluation split). Raises DatasetLayoutError (layout)
+    or DatasetError (missing labels, size mismatches: the first few named, with the count). Unknown domain
+    names are left to the script."""
+    if name != "toy" and name not in DOMAINS:
+        return
+    name, kind, root = resolve_domain(name, root, role)
+    if (name, str(root), role) in _CHECKED:
+        return
+    _, train_split, eval_split, _, _ = DOMAINS[name]
+    if kind == "crosscity" and num_classes not in (None, 13):
+        raise DatasetError(f"{name} is labelled with 13 classes: use --num-classes 13 (got {num_classes})")
+    nc = num_classes or (13 if kind == "crosscity" else 19)
+    if role == "source":
+        splits = [(train_split, True)]
+    else:
+        train_labels = not (kind == "cityscapes" and not (root / "gtFine" / train_split).is_dir()) \
+            and kind != "crosscity"
+        splits = [(train_split, train_labels)] + ([(eval_split, True)] if eval_split else [])
+    for split, labelled in splits:
+        ds = build_dataset(kind, root, split, nc, with_labels=labelled, cities=CITY_GROUPS.get(name))
+        problems = check_files(ds.files, labelled)
+        if problems:
+            raise DatasetError(f"{role} dataset {name} at {root} (split {split}): {len(problems)} of {len(ds.files)} "
+                               f"image/label pairs are unusable, e.g. " + "; ".join(problems[:3])
+                               + f". Expected layout: {LAYOUTS[kind]}")
+    _CHECKED.add((name, str(root), role))

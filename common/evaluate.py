@@ -1,4 +1,6 @@
-"""The evaluation loop shared by every test.py and by the in-training validation."""
+"""The evaluation loop shared by every test.py and by the in-training validation, and what it writes
+besides the numbers (PredictionOutputs): colour PNGs, the picture grid (common/pictures.py) and, for the
+official Cityscapes evaluation or the benchmark server, single-channel label-id PNGs of every image."""
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,70 @@ from PIL import Image
 from . import labels as L
 from .datasets import eval_loader
 from .metrics import ConfusionMatrix
-from .runtime import autocast, to_device, unwrap
+from .pictures import prediction_grid
+from .runtime import autocast, barrier, to_device, unwrap
+from .transforms import denormalize
+
+
+def label_id_name(name):
+    """File name of an image's label-id prediction: the image's stem without `_leftImg8bit`, then
+    `_pred_labelIds.png`: Cityscapes `CITY_SEQ_FRAME_pred_labelIds.png`, which cityscapesscripts matches to
+    `CITY_SEQ_FRAME_gtFine_labelIds.png` (pattern `CITY_SEQ_FRAME*.png`); CrossCity `pano_XXXXX_pred_labelIds.png`."""
+    stem = Path(name).stem
+    if stem.endswith("_leftImg8bit"):
+        stem = stem[: -len("_leftImg8bit")]
+    return f"{stem}_pred_labelIds.png"
+
+
+class PredictionOutputs:
+    """The files an evaluation writes besides its numbers, fed one image at a time (`add`), finished by
+    `close`:
+      save_dir:     colour PNGs (train-id palette) of the first n_save images (rank 0), and grid.png: input |
+                    ground truth | prediction | errors of the first n_grid images, with the class legend;
+      label_id_dir: EVERY image (each rank its shard) as a single-channel 8-bit PNG at the label's full
+                    resolution, classes encoded as Cityscapes label ids (labels.label_id_lut), named by
+                    label_id_name. The folder must be new or empty: stale files would be matched too."""
+
+    def __init__(self, dataset, num_classes, save_dir=None, n_save=8, label_id_dir=None, n_grid=4, rank=0,
+                 world_size=1):
+        self.k, self.norm = num_classes, getattr(dataset, "norm", "imagenet")
+        self.save_dir = Path(save_dir) if save_dir is not None and rank == 0 else None
+        self.label_id_dir = Path(label_id_dir) if label_id_dir is not None else None
+        self.n_save, self.n_grid, self.saved, self.rows = n_save, n_grid, 0, []
+        self.lut = L.label_id_lut(num_classes)
+        if self.save_dir is not None:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+        if self.label_id_dir is not None:
+            if rank == 0:
+                d = self.label_id_dir
+                if d.exists() and (not d.is_dir() or any(d.iterdir())):
+                    raise SystemExit(f"--save-label-ids {d}: expected a new or empty folder (earlier predictions "
+                                     f"there would be matched to the ground truth too)")
+                d.mkdir(parents=True, exist_ok=True)
+            if world_size > 1:
+                barrier()
+
+    def add(self, batch, pred, label):
+        """batch: the loader's dict (batch size 1); pred, label: (1, H, W) class indices at the label's size."""
+        name = batch["name"][0]
+        p = None
+        if self.label_id_dir is not None:
+            p = pred[0].cpu().numpy().astype(np.uint8)
+            Image.fromarray(self.lut[p], "L").save(self.label_id_dir / label_id_name(name))
+        if self.save_dir is None:
+            return
+        if self.saved < self.n_save or len(self.rows) < self.n_grid:
+            p = pred[0].cpu().numpy().astype(np.uint8) if p is None else p
+        if self.saved < self.n_save:
+            Image.fromarray(L.colorize(p, self.k)).save(self.save_dir / f"{Path(name).stem}_pred.png")
+            self.saved += 1
+        if len(self.rows) < self.n_grid:
+            self.rows.append({"name": Path(name).stem, "image": denormalize(batch["image"][0], self.norm),
+                              "label": label[0].cpu().numpy().astype(np.uint8), "pred": p})
+
+    def close(self):
+        if self.save_dir is not None and self.rows:
+            prediction_grid(self.rows, self.k, self.save_dir / "grid.png")
 
 
 @torch.no_grad()
@@ -30,9 +95,11 @@ def predict_logits(model, x, out_hw, amp=None, flip=False):
 
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir=None, n_save=8,
-             rank=0, world_size=1, workers=2, ensemble=None):
+             rank=0, world_size=1, workers=2, ensemble=None, label_id_dir=None, n_grid=4):
     """mIoU of `model` on `dataset` (labels at full resolution). Runs in eval mode, restores the
-    previous mode. Predictions of the first n_save images are saved as colour PNGs to save_dir.
+    previous mode. With save_dir: colour PNGs of the first n_save predictions and grid.png (input | ground
+    truth | prediction | errors of the first n_grid images, legend); with label_id_dir: every prediction as
+    a Cityscapes label-id PNG (PredictionOutputs).
     ensemble: optional second model whose logits are averaged 0.5/0.5 with the first (ADVENT).
     Besides the IoUs, the summary's "confidence" holds, over labelled pixels: the mean prediction entropy
     normalised by log C, the share predicted with max probability > 0.9, and the share of those that are
@@ -42,9 +109,7 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
     for m in models:
         m.eval()
     conf = ConfusionMatrix(num_classes, device)
-    if save_dir is not None and rank == 0:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-    saved = 0
+    outs = PredictionOutputs(dataset, num_classes, save_dir, n_save, label_id_dir, n_grid, rank, world_size)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # entropy sum, pixels, confident, confident wrong
     for batch in eval_loader(dataset, 1, workers, rank, world_size):
         x = to_device(batch["image"], device, amp)
@@ -58,10 +123,8 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
         confident = (p.max(1).values > 0.9) & valid
         stats += torch.stack([ent[valid].double().sum(), valid.sum().double(), confident.sum().double(),
                               (confident & (pred != y)).sum().double()])
-        if save_dir is not None and rank == 0 and saved < n_save:
-            name = Path(batch["name"][0]).stem
-            Image.fromarray(L.colorize(pred[0].cpu().numpy(), num_classes)).save(Path(save_dir) / f"{name}_pred.png")
-            saved += 1
+        outs.add(batch, pred, y)
+    outs.close()
     for m, was in zip(models, modes):
         m.train(was)
     if world_size > 1:

@@ -2,7 +2,9 @@
 builders that know it next to the DeepLab models of common.models.
 
 - Backbone: torchvision's VGG16 `features` (13 convs, ReLU, no BN) with ceil-mode max-pools; the
-  input is zero-padded by 100 pixels (caffe FCN practice) so the 7x7 fc6 sees every position.
+  input is zero-padded by 99 pixels, which with conv1_1's own padding of 1 makes caffe FCN's 100
+  (its conv1_1 has pad 100; cycada/models/fcn8s.py pads 99 the same way), so the 7x7 fc6 sees every
+  position and the crop offsets 5, 9, 31 (computed by caffe for pad 100) align the output with the input.
 - fc6 (7x7 conv 512->4096) and fc7 (1x1 4096->4096) are VGG16's classifier.0 / classifier.3 reshaped
   to convolutions; each followed by ReLU and Dropout2d(0.5). score_fr: 1x1 4096->C.
 - Skips: score_pool4 on 0.01 * pool4 and score_pool3 on 1e-4 * pool3 (zero-initialised 1x1 convs,
@@ -54,7 +56,7 @@ class FCN8s(nn.Module):
 
     def forward(self, x, return_feat=False):
         h, w = x.shape[-2:]
-        y = F.pad(x, (100, 100, 100, 100))
+        y = F.pad(x, (99, 99, 99, 99))  # + conv1_1's padding 1 = caffe's pad 100 (the crop offsets assume it)
         pools = {}
         for i, m in enumerate(self.features):
             y = m(y)
@@ -122,7 +124,7 @@ def make_segmenter(model="deeplabv2", backbone="resnet101", num_classes=19, init
 
 def segmenter_from_checkpoint(path):
     """common.models.segmenter_from_checkpoint, plus FCN8s checkpoints. Returns (model, config)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = M.read_segmenter_checkpoint(path, ("fcn8s", "deeplabv2", "deeplabv3plus"))
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise M.WeightLoadError(f"{path} is not a segda checkpoint (needs 'model' and 'config' entries)")
     if state["config"].get("model") != "fcn8s":

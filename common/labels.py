@@ -38,7 +38,7 @@ CITYSCAPES_ID_TO_TRAINID = {c[1]: c[2] for c in CITYSCAPES_CLASSES}
 GTA5_ID_TO_TRAINID = CITYSCAPES_ID_TO_TRAINID
 
 # SYNTHIA-RAND-CITYSCAPES class id (R channel of GT/LABELS/*.png) -> train id (MaxSquare, MADAN).
-# Ids 0 (void), 13 (lanemarking), 14, 22 are ignored.
+# Ids 0 (void), 13 (parking-slot), 14 (road-work) and 22 (lanemarking) are ignored (SYNTHIA-RAND-CITYSCAPES README).
 SYNTHIA_ID_TO_TRAINID = {1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18,
                          12: 17, 15: 6, 16: 9, 17: 12, 18: 14, 19: 15, 20: 16, 21: 3}
 
@@ -50,6 +50,15 @@ INDEX_13_IN_16 = [TRAINIDS_16.index(t) for t in TRAINIDS_13]  # [0,1,2,6,...,15]
 # CrossCity (NTHU) uses exactly the 13 classes; its label PNGs carry Cityscapes ids.
 CROSSCITY_ID_TO_13 = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10,
                       32: 11, 33: 12}
+
+
+def label_id_lut(num_classes):
+    """A lookup table class index (in the `num_classes` space) -> Cityscapes label id, the encoding of
+    `*_gtFine_labelIds.png`, of GTA5 labels and of CrossCity's `*_eval.png` (what the Cityscapes benchmark
+    server and cityscapesscripts read). Entries past the classes (ignore 255 included) map to 0 (unlabeled)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[: num_classes] = [CITYSCAPES_CLASSES[t][1] for t in trainids_of(num_classes)]
+    return lut
 
 
 def class_names(num_classes):

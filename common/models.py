@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .runtime import InputError, read_checkpoint
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -183,17 +185,39 @@ def build_model(name, num_classes, backbone, multi_level=True, caffe_style=False
 # ------------------------------------------------------------------------------------------------
 # Strict weight loading
 # ------------------------------------------------------------------------------------------------
-class WeightLoadError(RuntimeError):
+class WeightLoadError(InputError):
     pass
+
+
+# Which scripts read a checkpoint of each model (config["model"]): named when a script is given another's.
+MODEL_READERS = {
+    "deeplabv2": "advent_maxsquare's and mada's scripts (e.g. advent_maxsquare/test.py)",
+    "deeplabv3plus": "mada's scripts (e.g. mada/test.py)",
+    "deeplabv2_d2ada": "d2ada's scripts (d2ada/train_ada.py --init-from, d2ada/test.py)",
+    "deeplabv3plus_d2ada": "d2ada's scripts (d2ada/train_ada.py --init-from, d2ada/test.py)",
+    "fcn8s": "madan's scripts (e.g. madan/test.py)",
+    "bisenetv1": "ssada's scripts (e.g. ssada/test.py)",
+}
+
+
+def read_segmenter_checkpoint(path, expected=("deeplabv2", "deeplabv3plus")):
+    """A segmenter checkpoint of ours ({'model', 'config', ...}) through runtime.read_checkpoint, whose
+    config names one of the expected models; another folder's model names the scripts that read it."""
+    state = read_checkpoint(path, "a segmenter checkpoint of this project (model.pth / checkpoint.pth)",
+                            need=("model", "config"))
+    name = state["config"].get("model") if isinstance(state["config"], dict) else None
+    if name not in expected:
+        readers = MODEL_READERS.get(name, "no script of this project")
+        raise WeightLoadError(f"{path} holds a {name} model, which {readers} read; this script reads "
+                              + " / ".join(expected) + " checkpoints")
+    return state
 
 
 def _read_state(path):
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightLoadError(f"weights file not found: {path}") from None
-    except Exception as e:
-        raise WeightLoadError(f"cannot read weights file {path}: {e}") from None
+        sd = read_checkpoint(path, "a state dict of weights")
+    except InputError as e:
+        raise WeightLoadError(str(e)) from None
     for k in ("model", "state_dict"):
         if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
             sd = sd[k]
@@ -220,15 +244,15 @@ def _check_and_load(module, sd, path, what):
     if missing or unexpected or shape:
         def show(keys):
             return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        lines = [f"{path} does not match the {what}:"]
+        parts = []
         if missing:
-            lines.append(f"  missing keys: {show(missing)}")
+            parts.append(f"missing keys: {show(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys: {show(unexpected)}")
+            parts.append(f"unexpected keys: {show(unexpected)}")
         if shape:
-            lines.append("  shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                                                     for k in shape]))
-        raise WeightLoadError("\n".join(lines))
+            parts.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} (file) vs {tuple(own[k].shape)} "
+                                                     "(expected)" for k in shape]))
+        raise WeightLoadError(f"{path} does not match the {what}: " + "; ".join(parts))
     module.load_state_dict(sd, strict=True)
 
 
@@ -269,13 +293,13 @@ def make_segmenter(model="deeplabv2", backbone="resnet101", num_classes=19, init
     return net, cfg
 
 
-def segmenter_from_checkpoint(path):
+def segmenter_from_checkpoint(path, num_classes=None):
     """Rebuild the model a checkpoint of ours was trained with and load its weights strictly.
-    Returns (model, config)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise WeightLoadError(f"{path} is not a segda checkpoint (needs 'model' and 'config' entries)")
+    num_classes: when given, a checkpoint with another class count is refused. Returns (model, config)."""
+    state = read_segmenter_checkpoint(path)
     c = state["config"]
+    if num_classes is not None and c["num_classes"] != num_classes:
+        raise WeightLoadError(f"{path} holds a {c['num_classes']}-class {c['model']}; expected {num_classes} classes")
     net = build_model(c["model"], c["num_classes"], c["backbone"], c["multi_level"], c["caffe_style"],
                       c["two_branch"])
     _check_and_load(net, {k[7:] if k.startswith("module.") else k: v for k, v in state["model"].items()},

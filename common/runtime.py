@@ -6,9 +6,12 @@ import datetime
 import json
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -169,12 +172,70 @@ def freeze_bn_affine(model):
 # Run folder, logging
 # ------------------------------------------------------------------------------------------------
 RESULT_FILES = ("checkpoint.pth", "final.json", "log.jsonl")
+# The flags that fix a model's architecture: a --resume must repeat them as the run folder recorded them.
+MODEL_KEYS = ("model", "backbone", "num_classes", "multi", "two_branch", "init_format", "init_from")
+
+
+class InputError(RuntimeError):
+    """Bad input (a flag, a dataset, a checkpoint): run_main prints it as one line, no traceback."""
+
+
+def check_inputs(out, args, resume=False):
+    """Everything a run needs, checked before the run folder is touched: --resume has a checkpoint whose
+    model configuration matches this command; every checkpoint named by a flag is readable; every
+    dataset named by --source/--target is complete (common.datasets.check_domain)."""
+    out = Path(out)
+    if resume:
+        found = sorted(out.glob("checkpoint*.pth"))
+        if not found:
+            raise InputError(f"--resume: no checkpoint to resume from in {out} (looked for {out / 'checkpoint.pth'}); "
+                             f"run without --resume to start from iteration 0")
+        old = {}
+        if (out / "config.json").is_file():
+            try:
+                old = json.loads((out / "config.json").read_text())
+            except ValueError:
+                old = {}
+        ck_path = out / "checkpoint.pth" if (out / "checkpoint.pth").exists() else found[-1]
+        ck_cfg = read_checkpoint(ck_path, "a resumable checkpoint").get("config") or {}
+        new = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        diff = [f"--{k.replace('_', '-')} {old[k]} (checkpoint) vs {new[k]} (this command)"
+                for k in MODEL_KEYS if k in old and k in new and new[k] is not None and old[k] != new[k]]
+        diff += [f"{k} {ck_cfg[k]} (checkpoint) vs {new[k]} (this command)" for k in ("model", "backbone", "num_classes")
+                 if k in ck_cfg and new.get(k) is not None and ck_cfg[k] != new[k] and not any(d.startswith(f"--{k} ")
+                                                                                               for d in diff)]
+        if diff:
+            raise InputError(f"cannot resume from {ck_path}: its model configuration differs in " + "; ".join(diff)
+                             + f". Nothing in {out} was changed: repeat the run's flags, or start a new --out")
+    for flag in ("init", "init_from", "checkpoint", "ensemble"):
+        path = getattr(args, flag, None)
+        if path in (None, "", "scratch") or not isinstance(path, (str, Path)):
+            continue
+        what = "backbone weights (a state dict)" if flag == "init" else "a checkpoint of this project"
+        ck = read_checkpoint(path, what)
+        cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        n = getattr(args, "num_classes", None)
+        if flag != "init" and n is not None and cfg.get("num_classes") not in (None, n):
+            raise InputError(f"{path} holds a {cfg['num_classes']}-class {cfg.get('model', 'model')}; this run "
+                             f"expects {n} classes (--num-classes {n})")
+    from .datasets import check_domain  # noqa: E402 (datasets imports nothing of runtime)
+    n = getattr(args, "num_classes", None)
+    for role in ("source", "target"):
+        names, roots = getattr(args, role, None), getattr(args, role + "_root", None)
+        if not isinstance(names, str):
+            continue
+        names = [x for x in names.split(",") if x]
+        roots = [x for x in str(roots).split(",")] if roots else [None] * len(names)
+        for name, root in zip(names, roots + [None] * (len(names) - len(roots))):
+            check_domain(name, root, role, n)
 
 
 def prepare_run_dir(out, args, rank=0, resume=False):
-    """Create the run folder and save the effective configuration. A folder that already holds
-    results is never overwritten: unless resuming, it is moved aside to OUT.old-<time> (printed)."""
+    """Check the inputs (check_inputs), then create the run folder and save the effective configuration.
+    A folder that already holds results is never overwritten: unless resuming, it is moved aside to
+    OUT.old-<time> (printed). Prints the [config] line."""
     out = Path(out)
+    check_inputs(out, args, resume)
     if rank == 0:
         if out.exists() and not resume and any((out / f).exists() for f in RESULT_FILES):
             aside = out.with_name(out.name + ".old-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -184,6 +245,7 @@ def prepare_run_dir(out, args, rank=0, resume=False):
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         cfg["argv"] = sys.argv
         atomic_write_text(out / "config.json", json.dumps(cfg, indent=2))
+    print_config(args, rank)
     barrier()
     return out
 
@@ -225,8 +287,13 @@ class RunLogger:
                            for k, v in record.items() if k != "time" and not isinstance(v, dict)), flush=True)
 
 
+_PRINTED = []
+
+
 def print_config(args, rank=0):
-    if rank == 0:
+    """The effective configuration as one [config] line (printed once per process)."""
+    if rank == 0 and not _PRINTED:
+        _PRINTED.append(True)
         print("[config] " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()), flush=True)
 
 
@@ -261,11 +328,128 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+class CheckpointError(InputError):
+    pass
+
+
+def _what_is(path, head):
+    """A few words on what a file that is not a PyTorch checkpoint looks like."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+        text = head.decode("utf-8")
+        return f"a text file (starts {text[:24].strip()!r})" if text.isprintable() or "\n" in text else "binary data"
+    except UnicodeDecodeError:
+        return "binary data, not a PyTorch file"
+
+
+def read_checkpoint(path, what="a checkpoint", need=()):
+    """THE checkpoint reader of every script: torch.load(weights_only=True) on CPU, every failure a one-line
+    CheckpointError naming the file, what it is, and what was expected (need: entries that must be there)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (expected {what})")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a file holding {what}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes; an interrupted copy?); expected {what}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
+    if not (is_zip or is_pickle):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_what_is(path, head)}, {size} bytes); "
+                              f"expected {what}")
+    if is_zip and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupt (an incomplete PyTorch archive of {size} bytes); "
+                              f"expected {what}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle_errors() as e:
+        kind = ("holds pickled Python objects beyond tensors and plain containers (not a file this project writes; "
+                "it is never unpickled)") if "weights_only" in str(e) or "Unsupported" in str(e) else \
+            f"is truncated or corrupt ({type(e).__name__})"
+        raise CheckpointError(f"{path} {kind}; expected {what}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of tensors; expected {what}")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no {' / '.join(repr(k) for k in missing)} entr"
+                              f"{'y' if len(missing) == 1 else 'ies'} (it holds {', '.join(map(repr, list(state)[:5]))}"
+                              f"{', ...' if len(state) > 5 else ''}); expected {what}")
+    return state
+
+
+def pickle_errors():
+    import pickle
+    return (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError, AttributeError,
+            IndexError, TypeError, zipfile.BadZipFile)
+
+
+def load_checkpoint(path):
+    """A resumable checkpoint of ours (read_checkpoint: every failure names the file)."""
+    return read_checkpoint(path, "a checkpoint of this project")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a script: one-line errors for bad input; Ctrl-C / SIGTERM stop cleanly with the resume command
+# ------------------------------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def last_checkpoint(out):
+    """(path, iteration) of the newest checkpoint*.pth in a run folder, or (None, None)."""
+    found = sorted(Path(out).glob("checkpoint*.pth"), key=lambda p: p.stat().st_mtime) if out else []
+    if not found:
+        return None, None
+    try:
+        state = torch.load(found[-1], map_location="cpu", weights_only=True, mmap=True)
+        return found[-1], state.get("iter", state.get("round"))
+    except Exception:
+        return found[-1], None
+
+
+def resume_command(argv=None):
+    """The command that continues this run: the same python command line, with --resume."""
+    argv = list(sys.argv if argv is None else argv)
+    script = os.path.relpath(argv[0]) if os.path.isabs(argv[0]) and not os.path.relpath(argv[0]).startswith("..") \
+        else argv[0]
+    rest = argv[1:] + ([] if "--resume" in argv else ["--resume"])
+    return shlex.join(["python", script] + rest)
+
+
+def run_main(main, parse_args):
+    """`if __name__ == "__main__": rt.run_main(main, parse_args)`: bad input (InputError, a dataset layout
+    error) ends with one `error:` line and exit 2; Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run
+    and print one line with the last checkpoint's iteration and the exact command that resumes it."""
+    from .datasets import DatasetError, DatasetLayoutError
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    args = None
+    try:
+        args = parse_args()
+        main(args)
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
+        sig = "SIGTERM" if code == 143 else "Ctrl-C"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if int(os.environ.get("RANK", 0)) == 0:
+            out = getattr(args, "out", None)
+            if args is None or not hasattr(args, "resume"):
+                msg = "this script keeps no checkpoint: run the same command again"
+            else:
+                path, it = last_checkpoint(out)
+                msg = (f"no checkpoint was written yet: run the same command again (without --resume)" if path is None
+                       else f"last checkpoint {path} at iteration {it}; resume with: {resume_command()}")
+            print(f"\n[stopped] {sig}: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)  # no traceback, no waiting on data-loader workers or process groups
+    except (InputError, DatasetLayoutError, DatasetError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def save_json(path, obj):

@@ -52,20 +52,23 @@ class Compose:
 
 
 class Resize:
-    """Resize to (H, W): bicubic image, nearest label (as AdaptSegNet/ADVENT/MaxSquare)."""
+    """Resize to (H, W): bicubic image (as AdaptSegNet/ADVENT/MaxSquare) or, with interp="bilinear", bilinear
+    (MADA's dataset resize, D2ADA's ExtResize); nearest label."""
 
-    def __init__(self, size_hw, resize_label=True):
+    def __init__(self, size_hw, resize_label=True, interp="bicubic"):
         self.size_hw, self.resize_label = tuple(size_hw), resize_label
+        self.interp = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interp]
+        self.interp_name = interp
 
     def __call__(self, img, lbl, rng):
         h, w = self.size_hw
-        img = img.resize((w, h), Image.BICUBIC)
+        img = img.resize((w, h), self.interp)
         if lbl is not None and self.resize_label:
             lbl = lbl.resize((w, h), Image.NEAREST)
         return img, lbl
 
     def __repr__(self):
-        return f"Resize{self.size_hw}"
+        return f"Resize{self.size_hw}" + ("" if self.interp_name == "bicubic" else f"[{self.interp_name}]")
 
 
 class RandomScaleCrop:

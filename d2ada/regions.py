@@ -14,9 +14,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.datasets import read_image
-from common.transforms import to_tensor
+from common.transforms import Resize, to_tensor
 
 SUPERPIXEL_DIR = "superpixel"
+
+
+def eval_set_at(name, root, num_classes, norm, size_hw, split=None):
+    """common.datasets.eval_set with D2ADA's evaluation input: the image resized (bilinear) to size_hw,
+    upstream's val_transform (dataset.py:32-37: 1024x2048 for Cityscapes, i.e. full resolution); the
+    labels stay at full resolution."""
+    from common.datasets import DOMAINS, build_dataset
+    from common.transforms import Compose
+    kind, _, default_split, _, _ = DOMAINS[name]
+    split = split or default_split
+    if split is None:
+        raise ValueError(f"{name} has no evaluation split; evaluate on a target domain")
+    return build_dataset(kind, root, split, num_classes, Compose([Resize(size_hw, resize_label=False, interp="bilinear")]), norm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,9 +86,10 @@ def region_sum(values, sp, k):
     return values.new_zeros(k, values.shape[0]).index_add_(0, sp, values.t())
 
 
-def region_stats(feat, logits, sp, chunk=64):
+def region_stats(feat, logits, sp, chunk=64, align_corners=True):
     """Per-region statistics of one image, at the superpixel map's resolution (H, W):
-    feat (D, h, w) and logits (C, h, w) are upsampled bilinearly (align_corners=True) to (H, W);
+    feat (D, h, w) and logits (C, h, w) are upsampled bilinearly to (H, W) (align_corners as the model's own
+    upsampling: False for D2ADA's models, as upstream's feat_forward; True for common's);
     sp (H, W) long region ids 0..K-1.
     Returns dict: feat (K, D) mean feature, prob (K, C) mean softmax, entropy (K,) mean over the
     region's pixels of the per-pixel mean over classes of -p log2 p (D2ADA's uncertainty), pixels (K,).
@@ -91,9 +105,10 @@ def region_stats(feat, logits, sp, chunk=64):
     denom = count.clamp(min=1).unsqueeze(1)
     feats = []
     for c0 in range(0, feat.shape[0], chunk):
-        up = F.interpolate(feat[None, c0:c0 + chunk].float(), size=(H, W), mode="bilinear", align_corners=True)[0]
+        up = F.interpolate(feat[None, c0:c0 + chunk].float(), size=(H, W), mode="bilinear",
+                           align_corners=align_corners)[0]
         feats.append(region_sum(up.reshape(up.shape[0], -1), spf, k) / denom)
-    up = F.interpolate(logits[None].float(), size=(H, W), mode="bilinear", align_corners=True)[0]
+    up = F.interpolate(logits[None].float(), size=(H, W), mode="bilinear", align_corners=align_corners)[0]
     p = F.softmax(up, 0).reshape(up.shape[0], -1)
     ent = (-p * torch.log2(p + 1e-12)).mean(0, keepdim=True)  # softmax_entropy: mean over classes
     return {"feat": torch.cat(feats, 1), "prob": region_sum(p, spf, k) / denom,
@@ -166,8 +181,12 @@ def region_inventory(base):
 
 
 class _ExtractSet(torch.utils.data.Dataset):
-    def __init__(self, base, indices, size_hw, norm):
+    """Image resized to size_hw, then `transform` (joint, e.g. colour jitter + flip) on the image and its
+    superpixel map with a generator seeded by (seed, image index): the same draws on every run."""
+
+    def __init__(self, base, indices, size_hw, norm, transform=None, seed=0):
         self.base, self.indices, self.size_hw, self.norm = base, list(indices), tuple(size_hw), norm
+        self.transform, self.seed = transform, seed
 
     def __len__(self):
         return len(self.indices)
@@ -177,7 +196,10 @@ class _ExtractSet(torch.utils.data.Dataset):
         img_path = self.base.files[i][0]
         img = read_image(img_path)
         sp = read_superpixel(self.base.root, img_path, img.size)
-        img = img.resize((self.size_hw[1], self.size_hw[0]), Image.BICUBIC)
+        img = img.resize((self.size_hw[1], self.size_hw[0]), Image.BILINEAR)  # upstream ExtResize
+        if self.transform is not None:
+            img, sp_img = self.transform(img, Image.fromarray(sp, "L"), np.random.default_rng([self.seed, i]))
+            sp = np.asarray(sp_img)
         return to_tensor(img, self.norm), torch.from_numpy(sp.astype(np.int64)), i
 
 
@@ -186,22 +208,26 @@ def _collate(items):
 
 
 @torch.no_grad()
-def extract_regions(model, base, indices, size_hw, norm, device, amp=None, batch_size=4, workers=0, desc=None):
+def extract_regions(model, base, indices, size_hw, norm, device, amp=None, batch_size=4, workers=0, desc=None,
+                    transform=None, seed=0):
     """Region statistics (region_stats) of the images `indices` of `base`, the model in eval mode, input
-    resized to size_hw. Returns dict of numpy arrays over all their regions: image (index in base),
-    region (id), pixels, feat (float32), prob (float32), entropy."""
+    resized to size_hw, then `transform` (None: the clean image; see _ExtractSet). Returns dict of numpy
+    arrays over all their regions: image (index in base), region (id), pixels, feat (float32), prob
+    (float32), entropy."""
     from tqdm import tqdm
     from common.runtime import autocast, to_device
     was = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(_ExtractSet(base, indices, size_hw, norm), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, collate_fn=_collate)
+    align = getattr(model, "align_corners", True)
+    loader = torch.utils.data.DataLoader(_ExtractSet(base, indices, size_hw, norm, transform, seed),
+                                         batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_collate)
     cols = {k: [] for k in ("image", "region", "pixels", "feat", "prob", "entropy")}
     for x, sps, idx in tqdm(loader, desc=desc, disable=desc is None, mininterval=5):
         with autocast(device, amp):
             out = model(to_device(x, device, amp), return_feat=True)
         for b, (sp, i) in enumerate(zip(sps, idx)):
-            st = region_stats(out["feat"][b], out["out"][b], sp.to(device))
+            st = region_stats(out["feat"][b], out["out"][b], sp.to(device), align_corners=align)
             k = st["pixels"].shape[0]
             cols["image"].append(np.full(k, i, np.int64))
             cols["region"].append(np.arange(k, dtype=np.int64))

@@ -162,13 +162,25 @@ def dynamic_lambda(t, alpha=1.0, beta=1.0):
     return float(min(1.0, max(0.0, alpha * 2.0 ** (beta * (1 - t)))))
 
 
+def project_pca(src_feat, trg_feat, dim, seed=0):
+    """OURS, not upstream (ablation of --density-pca): PCA fitted on the source and target region features
+    together, both projected to `dim` dimensions before the mixtures. Returns (src, trg, explained share)."""
+    from sklearn.decomposition import PCA
+    x = np.concatenate([src_feat, trg_feat]).astype(np.float64)
+    pca = PCA(n_components=min(dim, x.shape[1], len(x)), random_state=seed).fit(x)
+    return (pca.transform(np.asarray(src_feat, np.float64)), pca.transform(np.asarray(trg_feat, np.float64)),
+            float(pca.explained_variance_ratio_.sum()))
+
+
 def select_round(trg, src, pool, budget_px, lam, method="d2ada", classes=None, threads=1, workers=1, seed=0,
-                 per_class=200, max_iter=200, log=_quiet):
+                 per_class=200, max_iter=200, log=_quiet, pca=0):
     """One selection round over all target regions.
     trg: dict of arrays feat (R, D), prob (R, C), entropy (R,), pixels (R,); src: dict feat, prob;
     pool: bool (R,) regions still unlabelled; budget_px: this round's budget in pixels; lam: density
-    share. method: d2ada | density | uncertainty | random.
-    Returns a list of (region index, criterion, score) in selection order and an info dict."""
+    share. method: d2ada | density | uncertainty | random. pca: 0 = the mixtures on the 256-d features
+    (upstream); d > 0 = on a d-dimensional PCA projection (ours, an ablation).
+    Returns a list of (region index, criterion, score) in selection order and an info dict; its
+    "density_classes" holds, per class, N_S and N_T (source / target regions) and the mixture size."""
     pool = np.asarray(pool, bool).copy()
     if method == "density":
         lam = 1.0
@@ -186,8 +198,20 @@ def select_round(trg, src, pool, budget_px, lam, method="d2ada", classes=None, t
     if b_d > 0:
         t0 = time.time()
         classes = range(trg["prob"].shape[1]) if classes is None else classes
-        scores = density_scores(src["feat"], src["prob"].argmax(1), trg["feat"], trg["prob"].argmax(1),
-                                classes, threads, workers, max_iter, log=log)
+        s_feat, t_feat = src["feat"], trg["feat"]
+        if pca:
+            s_feat, t_feat, share = project_pca(s_feat, t_feat, pca, seed=0)
+            info["density_pca"] = {"dim": int(s_feat.shape[1]), "explained_variance": round(share, 4)}
+        recs = []
+
+        def keep(rec, echo=True):
+            recs.append(rec)
+            log(rec, echo=echo)
+        scores = density_scores(s_feat, src["prob"].argmax(1), t_feat, trg["prob"].argmax(1),
+                                classes, threads, workers, max_iter, log=keep)
+        info["density_classes"] = {str(r["class"]): {"N_S": r["source_regions"], "N_T": r["target_regions"],
+                                                     "components": r.get("components", 0)}
+                                   for r in sorted(recs, key=lambda r: r["class"])}
         order, sc, weights = density_order(scores, pool, per_class)
         chosen, used_d = fill_budget(order, trg["pixels"], b_d, taken)
         score_of = dict(zip(order, sc))

@@ -1,6 +1,8 @@
-"""Evaluate D2ADA checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA models),
+r"""Evaluate D2ADA checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA models),
 the per-class IoU table, optional flip TTA, colour-coded predictions (official inference.py +
-evaluation.py). Loads both D2ADA models (DeepLabV3+ and D2ADA's DeepLabV2 with a 256-d feature).
+evaluation.py). Loads both D2ADA models (DeepLabV3+ and D2ADA's DeepLabV2 with a 256-d feature). Real data
+is evaluated as upstream validates (dataset.py:32-37): the image resized to 1024x2048 (Cityscapes' full
+resolution), the labels at full resolution; --eval-size changes the input size.
 
     L = nothing (evaluation only)
 
@@ -22,10 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
 from common import runtime as rt
-from common.datasets import eval_set, resolve_domain
+from common.datasets import DOMAINS, resolve_domain
 from common.evaluate import evaluate
 from common.metrics import format_table
 from d2ada.model import from_checkpoint
+from d2ada.regions import eval_set_at
+
+PAPER_EVAL_SIZE = (1024, 2048)  # upstream val_transform (dataset.py:32-37): Cityscapes at full resolution
 
 
 def parse_args(argv=None):
@@ -36,8 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
+    p.add_argument("--eval-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="input size "
+                   "(bilinear resize; labels stay at full resolution). Default: 1024 2048 on real data (upstream), "
+                   "the domain's evaluation size on the toy domains")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
-    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions "
+                   "and predictions/grid.png (input | ground truth | prediction | errors of the first 4, legend)")
+    p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
+                   "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
+                   "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
@@ -58,7 +70,8 @@ def main(args):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
     tgt, _, root = resolve_domain(args.target, args.target_root, "target")
-    data = eval_set(tgt, root, cfg["num_classes"], cfg["norm"], args.split)
+    size = tuple(args.eval_size) if args.eval_size else DOMAINS[tgt][4] if tgt.startswith("toy") else PAPER_EVAL_SIZE
+    data = eval_set_at(tgt, root, cfg["num_classes"], cfg["norm"], size, args.split)
     split = args.split or "val"
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
     if rank == 0:
@@ -67,7 +80,8 @@ def main(args):
     t0 = time.time()
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
-                   rank=rank, world_size=world, workers=args.workers, ensemble=other)
+                   rank=rank, world_size=world, workers=args.workers, ensemble=other,
+                   label_id_dir=args.save_label_ids)
     report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
               "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
@@ -100,4 +114,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -1,17 +1,21 @@
-"""D2ADA step 1, the active rounds (paper Sec. 3, Algorithm 1; official train_ADA.py). Round 0 takes
+r"""D2ADA step 1, the active rounds (paper Sec. 3, Algorithm 1; official train_ADA.py). Round 0 takes
 the warm-up model; every later round t fine-tunes the previous round's model on the source plus the
 target regions labelled so far (target labels outside the selected regions are ignored):
     L = CE over source pixels and labelled target pixels
 After training and validation, a round selects the next regions (unless it is the last):
-  1. region statistics of the source sample and the whole target train split: 256-d head feature
-     averaged per superpixel, region-mean softmax (pseudo label), region-mean entropy;
+  1. region statistics of all source images and the whole target train split: 256-d head feature
+     averaged per superpixel and region-mean softmax (pseudo label), through the training transform as
+     upstream (--density-aug), and region-mean entropy on the clean images; per class N_S, N_T and the
+     mixture size are logged every round;
   2. density-aware selection (Sec. 3.2): per class, d = log p_S(z) - log p_T(z) from Gaussian mixtures,
      lowest first, classes merged by weighted round-robin, budget lambda * B;
   3. uncertainty selection (Sec. 3.3): highest region-mean entropy, the rest of the budget;
      lambda = alpha * 2^(beta (1 - t)) with t = 1 at the first selection (Sec. 3.4, see selection.py).
 B = --active-selection-size image-equivalents of pixels (1% of the target train images) per round.
 Writes checkpointXX.pth (model of round XX, XX% labels) and datalist_XX.json (the labelled set it
-selected) per round, pictures of the selected regions, and the labelled pixel percentage per round.
+selected) per round, pictures of the selected regions (selections/round_XX.png: regions outlined by
+criterion; round_XX_classes.png: class shares of the picked pixels vs the target), and the labelled pixel
+percentage per round.
 
 Toy domains (no arguments; after `python d2ada/superpixels.py` and `python d2ada/warmup.py`):
     python d2ada/train_ada.py
@@ -36,23 +40,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set
+from common import cli, pictures as P, runtime as rt
+from common.datasets import infinite_loader, resolve_domain, train_set
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
 from common.transforms import ColorJitter, Compose, RandomHFlip, Resize
 from d2ada import regions as R, selection as S
+from d2ada.regions import eval_set_at
 from d2ada.model import from_checkpoint
 from d2ada.warmup import set_bn_eval
 
 # Defaults. PAPER: the official utils/common.py (5 rounds of 29 images' worth of pixels, 120k fine-tuning
 # iterations per round, SGD 2.5e-4 with 10x head, wd 5e-4, poly, batch 1, 1024x2048, BN frozen,
 # alpha = beta = 1). TOY: CPU-sized rounds on models trained from scratch.
+# Both presets feed ALL source images to the source densities (upstream density_aware_selection.py:113) and
+# extract the density features through the training transform (upstream :101-110, imageset 'train').
 PAPER = dict(iters=120000, batch_size=1, lr=2.5e-4, crop_size=(1024, 2048), freeze_bn=1, save_every=2000,
-             source_sample=2500, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
+             source_sample=0, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
 TOY = dict(iters=60, batch_size=8, lr=5e-3, crop_size=(64, 128), freeze_bn=0, save_every=20,
-           source_sample=100, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
+           source_sample=0, init_from="runs/d2ada/warmup/model.pth", out="runs/d2ada/ada")
 
 
 def parse_args(argv=None):
@@ -70,7 +77,12 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=1.0)
     g.add_argument("--per-class", type=int, default=200, help="density candidates per class")
     g.add_argument("--source-sample", type=int, default=None, help="source images whose regions feed the "
-                   "source densities (fixed random sample; 0 = all, as upstream; paper default 2500 = ~100k regions)")
+                   "source densities (0 = all, the default, as upstream; N = a fixed random sample of N images)")
+    g.add_argument("--density-aug", default="train", choices=["train", "none"], help="input of the density "
+                   "features: 'train' = the training transform (colour jitter + flip, seeded per image; upstream), "
+                   "'none' = the clean resized image. The uncertainty is always computed on clean images (upstream)")
+    g.add_argument("--density-pca", type=int, default=0, help="OURS, an ablation (not upstream): fit the "
+                   "mixtures on a PCA projection of the region features to this many dimensions (0 = off: 256-d)")
     g.add_argument("--gmm-max-iter", type=int, default=200)
     g.add_argument("--gmm-threads", type=int, default=1, help="BLAS threads per mixture fit")
     g.add_argument("--gmm-workers", type=int, default=2, help="classes fitted at once (bounded thread pool)")
@@ -103,10 +115,11 @@ def main(args):
     # ---- data ------------------------------------------------------------------------------------
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
-    aug = Compose([Resize(args.crop_size), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
+    # upstream ExtResize (bilinear, ext_transforms.py:404-427) + ExtColorJitter + ExtRandomHorizontalFlip
+    aug = Compose([Resize(args.crop_size, interp="bilinear"), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
     source = train_set(src, src_root, args.num_classes, mcfg["norm"], aug)
     target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], None)  # labels read only in regions
-    val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+    val = eval_set_at(tgt, tgt_root, args.num_classes, mcfg["norm"], args.crop_size)  # upstream: 1024x2048
     names = [target.name(i) for i in range(len(target))]
     src_names = [source.name(i) for i in range(len(source))]
     inventory = R.region_inventory(target)
@@ -175,7 +188,8 @@ def main(args):
 
 def train_round(args, rnd, model, mcfg, source, target, labeled, lab_str, device, amp, rank, world, out, log):
     """Fine-tune (fresh SGD, poly over --iters) on the source plus the labelled target regions."""
-    aug = Compose([Resize(args.crop_size), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
+    # upstream ExtResize (bilinear, ext_transforms.py:404-427) + ExtColorJitter + ExtRandomHorizontalFlip
+    aug = Compose([Resize(args.crop_size, interp="bilinear"), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
     data = R.ConcatSet(source, R.RegionLabeledSet(target, labeled, aug, source.norm))
     model.train()
     if args.freeze_bn:
@@ -226,16 +240,34 @@ def select(args, rnd, model, source, target, src_idx, names, src_names, inventor
     """Region statistics, then selection.select_round; writes datalist_XX.json and pictures."""
     t0 = time.time()
     net = rt.unwrap(model)
+    lam = S.dynamic_lambda(rnd + 1, args.alpha, args.beta)
+    density = args.selection == "density" or (args.selection == "d2ada" and lam > 0)
+    # uncertainty (and pixel counts): clean images, as upstream's pool set (val transform)
     trg = R.extract_regions(net, target, range(len(target)), args.crop_size, norm, device, amp,
                             workers=args.workers, desc=f"round {rnd} target regions")
-    srcr = R.extract_regions(net, source, src_idx, args.crop_size, norm, device, amp,
-                             workers=args.workers, desc=f"round {rnd} source regions")
+    srcr = None
+    if density:  # density features: through the training transform unless --density-aug none (see --help)
+        aug = Compose([ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()]) if args.density_aug == "train" else None
+        if aug is not None:
+            jit = R.extract_regions(net, target, range(len(target)), args.crop_size, norm, device, amp,
+                                    workers=args.workers, desc=f"round {rnd} target regions (train transform)",
+                                    transform=aug, seed=args.seed * 1000 + rnd)
+            trg = dict(trg, feat=jit["feat"], prob=jit["prob"])
+        srcr = R.extract_regions(net, source, src_idx, args.crop_size, norm, device, amp, workers=args.workers,
+                                 desc=f"round {rnd} source regions", transform=aug,
+                                 seed=args.seed * 1000 + rnd + 100000)  # other draws than the target's
     pool = np.array([r not in labeled.get(i, ()) for i, r in zip(trg["image"], trg["region"])])
     t_feat = time.time() - t0
-    lam = S.dynamic_lambda(rnd + 1, args.alpha, args.beta)
     picks, info = S.select_round(trg, srcr, pool, budget_px, lam, args.selection, classes, args.gmm_threads,
                                  args.gmm_workers, seed=args.seed * 1000 + rnd, per_class=args.per_class,
-                                 max_iter=args.gmm_max_iter, log=log.log)
+                                 max_iter=args.gmm_max_iter, log=log.log, pca=args.density_pca)
+    if "density_classes" in info:  # per class: source regions N_S, target regions N_T, mixture components
+        log.log({"round": rnd, "event": "density_classes", "source_images": len(src_idx),
+                 "source_regions": int(len(srcr["pixels"])), "target_regions": int(len(trg["pixels"])),
+                 "density_aug": args.density_aug, "density_pca": args.density_pca,
+                 "N_S/N_T/components": " ".join(f"{c}:{v['N_S']}/{v['N_T']}/{v['components']}"
+                                                for c, v in info["density_classes"].items()),
+                 "classes": info["density_classes"]})
     new = {k: set(v) for k, v in labeled.items()}
     chosen = []
     for r, crit, score in picks:
@@ -260,8 +292,15 @@ def select(args, rnd, model, source, target, src_idx, names, src_names, inventor
         sp = R.read_superpixel(target.root, img_path)
         R.draw_selection(img_path, sp, per_img[n], sorted(labeled.get(i, ())),
                          out / "selections" / f"round_{rnd:02d}" / (Path(n).stem + ".png"))
+    # one sheet per round (regions outlined by criterion) and the class shares of the picked pixels vs the
+    # target's ground truth (common.pictures; the ground truth is read for the pictures only)
+    P.region_selection_pictures(target, {index[n]: r for n, r in per_img.items()},
+                                lambda i: R.read_superpixel(target.root, target.files[i][0]), R.CRITERION_COLOURS,
+                                out / "selections" / f"round_{rnd:02d}.png",
+                                f"D2ADA round {rnd}: {len(chosen)} regions, lambda {info['lambda']:.3f}",
+                                earlier=labeled, n_show=args.pictures)
     return new
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

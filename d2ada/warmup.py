@@ -1,4 +1,4 @@
-"""D2ADA step 0, model warm-up (paper Sec. 4.1; official warmup.py): the initial model of the active
+r"""D2ADA step 0, model warm-up (paper Sec. 4.1; official warmup.py): the initial model of the active
 rounds. Either UDA warm-up, AdaptSegNet's output-space adversarial training
     L_G = CE(source) + lambda_adv * BCE(D(softmax(P_target)), source label)
     L_D = 1/2 BCE(D(softmax(P_source)), 0) + 1/2 BCE(D(softmax(P_target)), 1)
@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set
+from common.datasets import infinite_loader, resolve_domain, train_set
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
 from common.models import FCDiscriminator
 from common.transforms import ColorJitter, Compose, RandomHFlip, Resize
 from d2ada.model import MODELS, make_model
+from d2ada.regions import eval_set_at
 
 # Defaults. PAPER: the official utils/common.py (DeepLabV3+-R101 OS16, SGD 2.5e-4, momentum 0.9, wd 5e-4,
 # poly 0.9 over 100k iterations, batch 1, images resized to 1024x2048, D Adam 2.5e-4, 5k-iter linear
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (D2ADA warm-up)")
     g.add_argument("--warmup", default="uda_warmup", choices=["uda_warmup", "sup_warmup"],
                    help="uda_warmup: output-space adversarial (AdaptSegNet); sup_warmup: source CE only")
+    g.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="backbone output stride "
+                   "(upstream --output_stride, default 16, for both models)")
     g.add_argument("--lambda-adv", type=float, default=0.0005, help="weight of the adversarial loss on G")
     g.add_argument("--lr-d", type=float, default=2.5e-4, help="discriminator learning rate (Adam 0.9/0.99)")
     g.add_argument("--warmup-iters", type=int, default=None, help="linear learning-rate warm-up length")
@@ -93,7 +96,8 @@ def main(args):
     uda = args.warmup == "uda_warmup"
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = make_model(args.model, args.backbone, args.num_classes, args.init, args.init_format)
+    model, mcfg = make_model(args.model, args.backbone, args.num_classes, args.init, args.init_format,
+                             args.output_stride)
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
     if args.freeze_bn:
         set_bn_eval(model)
@@ -102,10 +106,11 @@ def main(args):
     # ---- data ------------------------------------------------------------------------------------
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
-    aug = Compose([Resize(args.crop_size), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
+    # upstream ExtResize (bilinear, ext_transforms.py:404-427) + ExtColorJitter + ExtRandomHorizontalFlip
+    aug = Compose([Resize(args.crop_size, interp="bilinear"), ColorJitter(0.5, 0.5, 0.5, 0.0), RandomHFlip()])
     source = train_set(src, src_root, args.num_classes, mcfg["norm"], aug)
     target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], aug, with_labels=False) if uda else None
-    val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+    val = eval_set_at(tgt, tgt_root, args.num_classes, mcfg["norm"], args.crop_size)  # upstream: 1024x2048
 
     # ---- optimiser, resume -----------------------------------------------------------------------
     optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay)
@@ -208,4 +213,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -8,12 +8,15 @@ Notation (MADA, ICCV'21, Sec. 3; MADAv2, TPAMI, Sec. 3.2-3.3):
   V_c      per-image objective vector of class c = mean of f over M_c; a class with < 10 pixels
            in M_c is "absent": its row stays zero (as upstream) and its count says so
   A_k      anchor k (k = 1..K), a [C, 256] matrix: a k-means centroid of the flattened V
-  d(V, A)  mean squared difference over the 19x256 entries (Eq. 2); by default here only over the
-           rows of V's present classes (absent='mask'); absent='zero' is upstream's all-rows mean
+  d(V, A)  mean squared difference over the 19x256 entries (Eq. 2), absent rows being zero
+           (absent='zero', upstream, the default); absent='mask' (ablation) averages over V's present rows
   MADA score   s(V) = min_k d(V, A^src_k)                                  (Eq. 3, "far" images)
   MADAv2 score s(V) = min_k d(V, A^src_k) + min_k d(V, A^tgt_k)            ("dual distance, far")
   Anchor loss  L = sum_k w_k d_k / sum_k w_k,  w_k = 1 / d_k,  d_k = d(V_t, A^tgt_k)      (Eq. 5)
   Anchor update  A_k* <- m A_k* + (1 - m) V_t,  k* = argmin_k d_k,  m = 0.999               (Eq. 6)
+  Gradient of V_c in the anchor loss: dV_c/df_p = 2 / (h w) for p in M_c (upstream's
+           NormalisationPoolingFunction, MADA models/utils.py:15-33 and adaptation_model.py:150-155),
+           not the 1/|M_c| of a plain mean (grad='mean', ablation)
 """
 import json
 import os
@@ -23,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ABSENT_CHOICES = ("mask", "zero")
+ABSENT_CHOICES = ("zero", "mask")
+GRAD_CHOICES = ("pooling", "mean")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,33 +38,43 @@ def downsample_label(label, hw):
     return F.interpolate(label[:, None].float(), size=tuple(hw), mode="nearest")[:, 0].long()
 
 
-def objective_vectors(feat, logits, label, num_classes, min_pixels=10):
+def objective_vectors(feat, logits, label, num_classes, min_pixels=10, grad="pooling"):
     """Per-image, per-class masked mean of the feature (MADA Sec. 3.2).
 
     feat (B, D, h, w), logits (B, C, h, w), label (B, h, w) at the feature resolution (255 = ignore).
     Returns V (B, C, D) float32 and counts (B, C) int64 = |M_c|; rows with counts < min_pixels are zero.
+    Always computed in fp32, autocast off (a bf16 einsum over 10^5 pixels loses the mean's digits).
+    grad='pooling' (upstream): the value is the mean, the gradient w.r.t. f_p (p in M_c) is 2 / (h w)
+    (NormalisationPoolingFunction scales the gradient by 2|M_c|/(h w); the mean divides by |M_c|);
+    grad='mean': the plain mean's gradient 1/|M_c| (an ablation).
     """
-    feat = feat.float()
-    pred = logits.argmax(1)
-    classes = torch.arange(num_classes, device=feat.device).view(1, -1, 1, 1)
-    mask = ((label[:, None] == classes) & (pred[:, None] == classes)).float()       # (B, C, h, w)
-    counts = mask.flatten(2).sum(-1)                                                 # (B, C)
-    sums = torch.einsum("bchw,bdhw->bcd", mask, feat)
-    keep = counts >= min_pixels
-    vec = torch.where(keep[..., None], sums / counts.clamp(min=1)[..., None], torch.zeros_like(sums))
+    if grad not in GRAD_CHOICES:
+        raise ValueError(f"grad must be one of {GRAD_CHOICES}, got {grad!r}")
+    with torch.autocast(feat.device.type, enabled=False):
+        feat = feat.float()
+        pred = logits.argmax(1)
+        classes = torch.arange(num_classes, device=feat.device).view(1, -1, 1, 1)
+        mask = ((label[:, None] == classes) & (pred[:, None] == classes)).float()   # (B, C, h, w)
+        counts = mask.flatten(2).sum(-1)                                             # (B, C)
+        sums = torch.einsum("bchw,bdhw->bcd", mask, feat)
+        keep = (counts >= min_pixels)[..., None]
+        vec = torch.where(keep, sums / counts.clamp(min=1)[..., None], torch.zeros_like(sums))
+        if grad == "pooling" and sums.requires_grad:
+            scaled = torch.where(keep, sums * (2.0 / (feat.shape[-2] * feat.shape[-1])), torch.zeros_like(sums))
+            vec = vec.detach() + (scaled - scaled.detach())     # value: the mean; gradient: 2/(h w) per pixel
     return vec, counts.long()
 
 
 # ------------------------------------------------------------------------------------------------
 # Distances to anchors
 # ------------------------------------------------------------------------------------------------
-def anchor_distances(vec, present, anchors, absent="mask"):
+def anchor_distances(vec, present, anchors, absent="zero"):
     """d(V_n, A_k) for a batch (torch; differentiable in vec).
 
     vec (B, C, D), present (B, C) bool, anchors (K, C, D) -> (B, K).
-    absent='mask': mean over the D entries of V's present rows only (an image with no present row
-    falls back to all rows); absent='zero': mean over all C x D entries, absent rows being zero
-    (upstream)."""
+    absent='zero' (upstream, default): mean over all C x D entries, absent rows being zero;
+    absent='mask' (ablation): mean over the D entries of V's present rows only (an image with no
+    present row falls back to all rows)."""
     if absent not in ABSENT_CHOICES:
         raise ValueError(f"absent must be one of {ABSENT_CHOICES}")
     anchors = anchors.to(vec.dtype)
@@ -73,7 +87,7 @@ def anchor_distances(vec, present, anchors, absent="mask"):
     return (sq * w[:, None]).sum(-1) / w.sum(-1)[:, None]
 
 
-def min_distances(vectors, counts, anchors, min_pixels=10, absent="mask", chunk=256):
+def min_distances(vectors, counts, anchors, min_pixels=10, absent="zero", chunk=256):
     """min_k d(V_n, A_k) and argmin for every row of a (possibly memory-mapped) [N, C, D] array,
     read chunk by chunk (the whole array is never loaded). Returns (dist (N,) float64, idx (N,))."""
     a = torch.from_numpy(np.ascontiguousarray(anchors, dtype=np.float32))
@@ -89,7 +103,7 @@ def min_distances(vectors, counts, anchors, min_pixels=10, absent="mask", chunk=
 
 
 def selection_scores(vectors, counts, src_anchors, tgt_anchors=None, criterion="mada", min_pixels=10,
-                     absent="mask"):
+                     absent="zero"):
     """MADA: s = min_k d(V, A^src_k). MADAv2 ("dual distance, far"): s = min_k d(V, A^src_k) +
     min_k d(V, A^tgt_k). Larger = farther from the anchors = selected first."""
     s, _ = min_distances(vectors, counts, src_anchors, min_pixels, absent)
@@ -118,15 +132,17 @@ def top_k(scores, k):
 # ------------------------------------------------------------------------------------------------
 # Anchors: faiss k-means on the flattened objective vectors
 # ------------------------------------------------------------------------------------------------
-def kmeans_anchors(vectors, counts, k=10, niter=20, seed=0, max_points_per_centroid=256, min_pixels=10,
-                   absent="mask", chunk=1024, verbose=False):
-    """faiss k-means (k, niter) on V flattened to [N, C*D] (MADA Sec. 3.2; upstream faiss.Kmeans with
-    its default max_points_per_centroid = 256, i.e. a seeded sample of k*256 vectors is clustered).
+def kmeans_anchors(vectors, counts, k=10, niter=20, seed=0, max_points_per_centroid=None, min_pixels=10,
+                   absent="zero", chunk=1024, verbose=False):
+    """faiss k-means (k, niter) on V flattened to [N, C*D] (MADA Sec. 3.2).
 
-    Then every vector is assigned to its nearest centroid (chunked). absent='mask' re-estimates each
-    anchor row as the mean of the cluster members in which that class is present (fallback: the mean
-    over all images with the class; zero if never present), so absent (zero) rows do not pull anchors
-    toward zero; absent='zero' keeps faiss's centroids (upstream).
+    max_points_per_centroid None: every vector is clustered (MADA: utils/clustering.py run_kmeans sets
+    clus.max_points_per_centroid = 10,000,000, i.e. all 24,966 GTA5 vectors); 256: a seeded sample of
+    k*256 vectors (MADAv2: faiss.Kmeans with faiss's default, step1_cluster_anchors_source.py:26).
+    Then every vector is assigned to its nearest centroid (chunked). absent='zero' (upstream, default)
+    keeps faiss's centroids; absent='mask' (ablation) re-estimates each anchor row as the mean of the
+    cluster members in which that class is present (fallback: the mean over all images with the class;
+    zero if never present), so absent (zero) rows do not pull anchors toward zero.
     Returns anchors (K, C, D) float32, present (K, C) bool, assign (N,) int64, the faiss objective."""
     import faiss
 
@@ -134,11 +150,11 @@ def kmeans_anchors(vectors, counts, k=10, niter=20, seed=0, max_points_per_centr
     if n < k:
         raise ValueError(f"k-means needs at least k={k} vectors, got {n}")
     rng = np.random.default_rng(seed)
-    m = min(n, k * max_points_per_centroid)
+    m = n if max_points_per_centroid is None else min(n, k * max_points_per_centroid)
     sample = np.sort(rng.choice(n, m, replace=False)) if m < n else np.arange(n)
     x = np.ascontiguousarray(np.asarray(vectors[sample], dtype=np.float32).reshape(m, c * dim))
     km = faiss.Kmeans(c * dim, k, niter=niter, seed=int(seed), verbose=verbose,
-                      max_points_per_centroid=max(max_points_per_centroid, -(-m // k)))
+                      max_points_per_centroid=-(-m // k) + 1)   # the sample is drawn above: faiss keeps all m
     km.train(x)
     cent = km.centroids.reshape(k, c, dim).astype(np.float32)
     obj = float(km.obj[-1]) if len(km.obj) else float("nan")
@@ -182,10 +198,10 @@ def soft_anchor_loss(d):
 
 
 @torch.no_grad()
-def update_nearest_anchor(anchors, vec, present, d, momentum=0.999, absent="mask"):
+def update_nearest_anchor(anchors, vec, present, d, momentum=0.999, absent="zero"):
     """A_k* <- m A_k* + (1 - m) V for each image (in batch order), k* = argmin_k d_k (MADA Eq. 6).
-    absent='mask' updates only the rows of V's present classes; 'zero' all rows (upstream, which
-    pulls absent classes' rows toward zero). anchors (K, C, D) is updated in place."""
+    absent='zero' (upstream, default) updates all rows (absent classes' rows move toward zero);
+    'mask' (ablation) only the rows of V's present classes. anchors (K, C, D) is updated in place."""
     nearest = d.argmin(1)
     for b in range(vec.shape[0]):
         k = int(nearest[b])
@@ -195,11 +211,13 @@ def update_nearest_anchor(anchors, vec, present, d, momentum=0.999, absent="mask
     return nearest
 
 
-def batch_anchor_loss(feat, logits, anchors, num_classes, min_pixels=10, absent="mask"):
+def batch_anchor_loss(feat, logits, anchors, num_classes, min_pixels=10, absent="zero", grad="pooling"):
     """Target objective vectors of the current model (pseudo-label = own argmax, feature resolution),
-    their distances to the target anchors, and the soft anchor loss averaged over the images that have
-    at least one present class. Returns (loss, vec, present, d)."""
-    vec, counts = objective_vectors(feat, logits.detach(), logits.detach().argmax(1), num_classes, min_pixels)
+    their distances to the target anchors, and the soft anchor loss averaged over the images (absent
+    'mask': over the images with at least one present class). grad: see objective_vectors.
+    Returns (loss, vec, present, d)."""
+    vec, counts = objective_vectors(feat, logits.detach(), logits.detach().argmax(1), num_classes, min_pixels,
+                                    grad)
     present = counts >= min_pixels
     d = anchor_distances(vec, present, anchors, absent)
     has = present.any(1) if absent == "mask" else torch.ones_like(present[:, 0])
@@ -287,13 +305,57 @@ def subset_by_names(dataset, names, what="selection"):
 # ------------------------------------------------------------------------------------------------
 # Data plumbing shared by the MADA scripts
 # ------------------------------------------------------------------------------------------------
-def train_transform(toy, crop_hw, flip=True):
-    """MADA's augmentation on real data: width rescaled to 2200 x U(0.5, 1.5), random 512x896 crop,
-    flip 0.5 (upstream 'rsize 2200, rcrop [896, 512], hflip 0.5'). Toy domains: resize to the domain's
-    training size + flip (the images are already small)."""
-    from common.transforms import Compose, RandomHFlip, RandomScaleCrop, Resize
-    first = Resize(crop_hw) if toy else RandomScaleCrop((1100, 2200), crop_hw, (0.5, 1.5))
-    return Compose([first] + ([RandomHFlip()] if flip else []))
+# Upstream's image sizes (configs/*.yml img_rows x img_cols): every image is first resized to these, then
+# augmented. MADA's active Cityscapes set reads 1052x1914 (MADA configs/active_from_gta_to_city_stage*.yml:47-48,
+# MADAv2 stage2.yml:48-49); MADAv2 step 1's active set 1024x2048 (MADAv2 configs/..._stage1.yml).
+UPSTREAM_HW = {"gta5": (1052, 1914), "cityscapes": (1024, 2048), "synthia": (760, 1280)}
+CROP_HW = (512, 896)    # rcrop [896, 512] = width 896, height 512
+RSIZE_WIDTH, RSIZE_SCALE = 2200, (0.5, 1.5)   # rsize 2200: width U(0.5, 1.5) x 2200 (augmentations.py:369)
+
+
+class RandomSizedWidth:
+    """Upstream's 'rsize' (augmentations.py RandomSized): resize (bilinear / nearest) to width
+    int(U(0.5, 1.5) * size) and height int(width / aspect), the aspect ratio of the incoming image kept."""
+
+    def __init__(self, size=2200, scale=(0.5, 1.5)):
+        self.size, self.scale = size, tuple(scale)
+
+    def __call__(self, img, lbl, rng):
+        from PIL import Image
+        w = int(rng.uniform(*self.scale) * self.size)
+        h = int(w / (img.width / img.height))
+        img = img.resize((w, h), Image.BILINEAR)
+        return img, (lbl.resize((w, h), Image.NEAREST) if lbl is not None else None)
+
+    def __repr__(self):
+        return f"RandomSizedWidth({self.size}, scale={self.scale})"
+
+
+def train_transform(toy, crop_hw=None, flip=True, base_hw=None):
+    """MADA's augmentation on real data (configs 'rsize 2200, rcrop [896, 512], hflip 0.5'): resize to the
+    dataset's upstream size base_hw, then to width 2200 x U(0.5, 1.5) keeping the aspect ratio, a random
+    crop_hw crop (default 512x896), flip 0.5. Toy domains: resize to crop_hw (the domain's training size)
+    + flip (the images are already small)."""
+    from common.transforms import Compose, RandomCrop, RandomHFlip, Resize
+    if toy:
+        first = [Resize(crop_hw)]
+    else:
+        first = ([Resize(base_hw, interp="bilinear")] if base_hw else []) + [RandomSizedWidth(RSIZE_WIDTH, RSIZE_SCALE),
+                                                                  RandomCrop(crop_hw or CROP_HW)]
+    return Compose(first + ([RandomHFlip()] if flip else []))
+
+
+def eval_set_at(name, root, num_classes, norm, size_hw=None, split=None):
+    """The target evaluation split; size_hw None: the shared protocol of common (the domain's evaluation size),
+    else images resized to size_hw (upstream MADA: Cityscapes val at its full 1024x2048, configs/*.yml
+    target_valid img_rows x img_cols); labels stay at full resolution, logits are upsampled to them."""
+    from common.datasets import DOMAINS, build_dataset, eval_set
+    from common.transforms import Compose, Resize
+    if size_hw is None:
+        return eval_set(name, root, num_classes, norm, split)
+    kind, _, default_split, _, _ = DOMAINS[name]
+    return build_dataset(kind, root, split or default_split, num_classes,
+                         Compose([Resize(size_hw, resize_label=False)]), norm)
 
 
 def param_groups_sgd(model, lr, momentum, weight_decay, head_mult=1.0):

@@ -1,4 +1,4 @@
-"""Per-image objective vectors (MADA Sec. 3.2; upstream savefeat_source.py / savefeat_target.py):
+r"""Per-image objective vectors (MADA Sec. 3.2; upstream savefeat_source.py / savefeat_target.py):
 for every training image of a domain, V = [C, 256], row c = mean of the 256-d decoder feature over
 M_c = (label == c) AND (argmax == c) at feature resolution; source: label = ground truth (model and
 annotation agree), target: label = the model's own prediction (no target label is read). Classes
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import runtime as rt
-from common.datasets import DOMAINS, eval_loader, resolve_domain, train_set
+from common import cli, runtime as rt
+from common.datasets import DOMAINS, TOY_ALIASES, eval_loader, resolve_domain, train_set
 from common.models import segmenter_from_checkpoint
 from common.transforms import Compose, Resize
 from mada import core
@@ -50,7 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--min-pixels", type=int, default=10, help="a class needs this many mask pixels (upstream 10)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--size", type=cli.hw, default=None, help="H,W the images are resized to (default: toy, the "
+                   "domain's training size; real data, upstream's full resolution: GTA5 1052x1914, Cityscapes "
+                   "1024x2048, configs/CAC_from_gta_to_city_*.yml / Select_from_gta_to_city.yml)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (toy 8; real data 1, as "
+                   "upstream)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (quick checks)")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
@@ -61,6 +65,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.out is None:
         args.out = f"runs/mada/features/{args.domain}_{Path(args.checkpoint).resolve().parent.name}"
+    name = args.source if args.domain == "source" else args.target
+    toy = str(name).startswith("toy")
+    dom = TOY_ALIASES[args.domain] if name == "toy" else name
+    if args.size is None and dom in DOMAINS:
+        args.size = DOMAINS[dom][3] if toy else core.UPSTREAM_HW.get(DOMAINS[dom][0], DOMAINS[dom][3])
+    if args.batch_size is None:
+        args.batch_size = 8 if toy else 1
     return args
 
 
@@ -76,11 +87,11 @@ def main(args):
     model = model.to(device, memory_format=rt.memory_format(amp)).eval()
     c = cfg["num_classes"]
 
-    # ---- data: the domain's training images at its training size, no random augmentation -----------
+    # ---- data: the domain's training images at --size (real data: full resolution), no augmentation --
     name, root = (args.source, args.source_root) if args.domain == "source" else (args.target, args.target_root)
     dom, _, root = resolve_domain(name, root, args.domain)
-    data = train_set(dom, root, c, cfg["norm"], Compose([Resize(DOMAINS[dom][3])]),
-                     with_labels=args.domain == "source")
+    resize = Resize(args.size) if dom.startswith("toy") else Resize(args.size, interp="bilinear")
+    data = train_set(dom, root, c, cfg["norm"], Compose([resize]), with_labels=args.domain == "source")
     n = len(data) if args.max_images is None else min(len(data), args.max_images)
     names = [data.name(i) for i in range(n)]
     if n < len(data):
@@ -138,4 +149,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

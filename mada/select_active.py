@@ -1,4 +1,4 @@
-"""Active sample selection, one shot, image level (MADA Sec. 3.3, upstream select_active_samples.py;
+r"""Active sample selection, one shot, image level (MADA Sec. 3.3, upstream select_active_samples.py;
 MADAv2 step1_select_active_samples.py "dual distance, far"). Scores every target training image by the
 distance of its objective vector V (from save_features.py --domain target) to the anchors and labels
 the budget's farthest images:
@@ -6,12 +6,14 @@ the budget's farthest images:
     mada:    s(V) = min_k d(V, A^src_k)                         budget int(0.05 N)   (148 of 2975)
     madav2:  s(V) = min_k d(V, A^src_k) + min_k d(V, A^tgt_k)   budget round(0.05 N) (149 of 2975)
     random:  a seeded uniform draw of the same number (baseline)
-    d(V, A) = mean of (V - A)^2 over the rows of V's present classes (--absent mask, default) or over
-              all C x 256 entries with absent rows zero (--absent zero, upstream)
+    d(V, A) = mean of (V - A)^2 over all C x 256 entries, absent rows zero (--absent zero, upstream, default)
+              or over the rows of V's present classes only (--absent mask, an ablation)
 
 Writes OUT/selected.txt (image names relative to the target root, as upstream's list), OUT/selected.json
 (names, indices, scores, settings), OUT/scores.npy (every image's score) and OUT/contact_sheet.png (the
-selected images beside the pseudo-labels of the model that made the features). Files are written
+selected images beside the pseudo-labels of the model that made the features), OUT/selection.png (the
+selected images above a random draw of the same size, with their class content) and
+OUT/selection_classes.png (class shares of the selected pixels vs the target). Files are written
 atomically; an earlier OUT is moved aside (never overwritten).
 
 Toy (no arguments: MADA criterion, warm-up features and source anchors):
@@ -37,7 +39,8 @@ from PIL import Image
 
 from common import labels as L
 from common import runtime as rt
-from common.datasets import DOMAINS, read_image
+from common import pictures as P
+from common.datasets import DOMAINS, read_image, train_set
 from common.models import segmenter_from_checkpoint
 from common.transforms import to_tensor
 from mada import core
@@ -55,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.05, help="fraction of the target training images")
     p.add_argument("--rounding", default=None, choices=["floor", "round"],
                    help="budget count: floor (MADA's int()) or round (MADAv2); default by criterion")
-    p.add_argument("--absent", default="mask", choices=core.ABSENT_CHOICES,
-                   help="mask: distances over V's present classes only; zero: upstream (absent rows = 0)")
+    p.add_argument("--absent", default="zero", choices=core.ABSENT_CHOICES,
+                   help="zero: distances over all rows, absent ones zero (upstream); mask: over V's present "
+                   "classes only (ablation)")
     p.add_argument("--sheet", type=int, default=48, help="images in the contact sheet (0: none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of --criterion random")
@@ -86,6 +90,24 @@ def contact_sheet(names, meta, path, device, n_max=48, cols=4):
     tmp = path.with_name(path.name + ".tmp.png")
     Image.fromarray(np.concatenate(rows, 0)).save(tmp)
     tmp.replace(path)
+
+
+def selection_pictures(args, meta, chosen, scores, out):
+    """selection.png: the selected images (scores) above a random draw of the same size, each with its
+    ground-truth class content; selection_classes.png: class shares of the selected pixels vs the target
+    (common.pictures; the ground truth is read for these pictures only)."""
+    try:
+        data = train_set(meta["dataset"], meta["root"], meta["num_classes"], "imagenet", None)
+    except FileNotFoundError as e:  # a target without train labels: no class content to show
+        print(f"[pictures] skipped: {e}")
+        return
+    index = {data.name(i): i for i in range(len(data))}
+    rand = np.random.default_rng([args.seed, 1]).choice(len(scores), len(chosen), replace=False)
+    P.selection_pictures(data, [index[meta["names"][i]] for i in chosen], out / "selection.png",
+                         f"MADA selection, criterion {args.criterion}, {len(chosen)} of {len(scores)} target images",
+                         captions=[f"score {scores[i]:.4g}" for i in chosen],
+                         compare=[index[meta["names"][i]] for i in sorted(rand)],
+                         compare_title=f"a random draw of the same size ({len(chosen)} images, seed {args.seed})")
 
 
 def main(args):
@@ -124,6 +146,7 @@ def main(args):
     rt.save_json(out / "selected.json", sel)
     if args.sheet > 0:
         contact_sheet(names, meta, out / "contact_sheet.png", rt.setup_distributed(args.device)[2], args.sheet)
+        selection_pictures(args, meta, chosen, scores, out)
     final = {"n_selected": k, "n_target": n, "criterion": args.criterion, "select_seconds": round(seconds, 3),
              "score_of_last_selected": float(scores[chosen].min()), "median_score": float(np.median(scores))}
     rt.save_json(out / "final.json", final)
@@ -132,4 +155,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -8,7 +8,8 @@ confidence-weighted consistency loss and the entropy filter of the unlabelled ps
                     in the sampled image's teacher prediction; x_mix = x_a (1 - M) + x_b M (and logits)
   consistency       L = sum_p w_p CE_p / sum_p w_p,  w_p = conf_p^gamma * s_p  (gamma = 2),
                     s_p ~ Bernoulli(q_{pred(p)}),  q = ((1 - r) / max(1 - r))^gamma2  (AEL's sampling)
-  entropy filter    the `percent` % highest-entropy teacher pixels are ignored (U2PL), percent = 20 (1 - t/T)
+  entropy filter    the `percent` % highest-entropy teacher pixels are ignored (U2PL), percent = 20 (1 - e/E),
+                    e = the epoch, E = the epochs (per epoch, as upstream)
 """
 import numpy as np
 import torch
@@ -104,6 +105,12 @@ def weighted_consistency(logits, target, conf, class_conf, gamma=2.0, gamma2=1.0
 
 
 @torch.no_grad()
+def entropy_percent(base, it, epoch_iters, total_iters):
+    """U2PL/MADAv2's per-epoch decay of the filtered share: base (1 - epoch / epochs), epoch = it // epoch_iters,
+    epochs = total_iters / epoch_iters (step2_train_active_semi_sup.py:94-96, once per epoch)."""
+    return base * (1 - (it // epoch_iters) / (total_iters / epoch_iters))
+
+
 def entropy_filter(logits, percent, mode="high"):
     """Teacher labels with `percent` % of pixels ignored: mode 'high' drops the highest-entropy (least
     certain) pixels, the U2PL intent; 'low' drops the lowest-entropy ones (upstream MADAv2's inverted

@@ -1,7 +1,7 @@
-"""Evaluate MADA / MADAv2 checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA
+r"""Evaluate MADA / MADAv2 checkpoints on the target: 19-class mIoU (16 + 13-class mIoU* for SYNTHIA
 models), the per-class IoU table, optional flip TTA, colour-coded predictions. Protocol: images at the
-evaluation size, logits upsampled to the full label resolution (upstream MADA evaluates Cityscapes val
-at 2048x1024 input; here the shared 1024x512 input of common.datasets, see README).
+evaluation size, logits upsampled to the full label resolution. Real data: upstream's full-resolution input
+(Cityscapes val at 1024x2048, MADA configs/test_from_gta_to_city.yml); toy: the shared protocol of common.
 
     L = nothing (evaluation only)
 
@@ -21,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
-from common import runtime as rt
-from common.datasets import eval_set, resolve_domain
+from common import cli, runtime as rt
+from common.datasets import DOMAINS, resolve_domain
 from common.evaluate import evaluate
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
+from mada import core
 
 
 def parse_args(argv=None):
@@ -36,14 +37,23 @@ def parse_args(argv=None):
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
+    p.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the evaluation input (default: real data, "
+                   "upstream's full resolution (Cityscapes 1024x2048); toy: the shared protocol of common)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
-    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions "
+                   "and predictions/grid.png (input | ground truth | prediction | errors of the first 4, legend)")
+    p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
+                   "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
+                   "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
                    "(default: CHECKPOINT's folder/eval_SPLIT)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_size is None and not str(args.target).startswith("toy") and args.target in DOMAINS:
+        args.eval_size = core.UPSTREAM_HW.get(DOMAINS[args.target][0])
+    return args
 
 
 def main(args):
@@ -58,7 +68,7 @@ def main(args):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
     tgt, _, root = resolve_domain(args.target, args.target_root, "target")
-    data = eval_set(tgt, root, cfg["num_classes"], cfg["norm"], args.split)
+    data = core.eval_set_at(tgt, root, cfg["num_classes"], cfg["norm"], args.eval_size, args.split)
     split = args.split or "val"
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
     if rank == 0:
@@ -67,7 +77,8 @@ def main(args):
     t0 = time.time()
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
-                   rank=rank, world_size=world, workers=args.workers, ensemble=other)
+                   rank=rank, world_size=world, workers=args.workers, ensemble=other,
+                   label_id_dir=args.save_label_ids)
     report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
               "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
@@ -100,4 +111,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -1,4 +1,4 @@
-"""MADA stage 1 / MADAv2 step 1 ("train_active_stage1.py" / "step1_train_active_sup_only.py"): fine-tune
+r"""MADA stage 1 / MADAv2 step 1 ("train_active_stage1.py" / "step1_train_active_sup_only.py"): fine-tune
 the warm-up DeepLabV3+ with the source labels and the labels of the actively selected target images
 (select_active.py). MADA Sec. 3.4, Eq. 4: the supervised part of the objective.
 
@@ -6,9 +6,9 @@ the warm-up DeepLabV3+ with the source labels and the labels of the actively sel
 
 Toy (no arguments: the warm-up model, MADA's selection in runs/mada/select_mada):
     python mada/train_stage1.py
-MADAv2 step 1 (dual-distance selection):
-    python mada/train_stage1.py --selection runs/mada/select_madav2 --out runs/mada/stage1_madav2
-GTA5 -> Cityscapes, 5% of the images:
+MADAv2 step 1 (dual-distance selection; --recipe madav2 switches the paper preset to MADAv2's):
+    python mada/train_stage1.py --recipe madav2 --selection runs/mada/select_madav2 --out runs/mada/stage1_madav2
+GTA5 -> Cityscapes, 5% of the images (MADA stage 1; add --recipe madav2 for MADAv2 step 1):
     python mada/train_stage1.py --source gta5 --source-root /data/GTA5 --target cityscapes \
         --target-root /data/cityscapes --init-from runs/mada/warmup/model.pth \
         --selection runs/mada/select_mada/selected.json
@@ -26,36 +26,46 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
+from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
 from mada import core
 
-# Defaults. PAPER: MADA configs/active_from_gta_to_city_stage1.yml (SGD 1e-4 on every parameter,
-# momentum 0.9, wd 2e-4, poly 0.9 over 90k iterations, 50 epochs of the target loader = ~37k; batch 4).
-# TOY: a short CPU fine-tuning of the toy warm-up model.
-PAPER = dict(iters=90000, stop_iter=37200, batch_size=4, lr=1e-4, eval_every=1000, save_every=1000,
-             out="runs/mada/stage1")
-TOY = dict(iters=40, batch_size=4, lr=1e-2, eval_every=40, save_every=20, out="runs/mada/stage1")
+# Defaults (mada/README.md, recipe tables). PAPER: MADA configs/active_from_gta_to_city_stage1.yml (SGD 1e-4 on
+# every parameter, momentum 0.9, wd 2e-4, poly 0.9 over 90k iterations, 50 epochs of the target loader
+# (2975 // 4 = 743 iterations, drop_last) = 37,150; batch 4 + 4; crop 512x896; active images read at 1052x1914).
+# PAPER_V2: MADAv2 configs/active_from_gta_to_city_stage1.yml (150 epochs = 111,450, poly over 900k, backbone 1x /
+# heads 10x (deeplab.py optim_parameters), active images read at 1024x2048). TOY: a short CPU fine-tuning.
+PAPER = dict(iters=90000, stop_iter=37150, batch_size=4, lr=1e-4, head_lr_mult=1.0, crop_size=(512, 896),
+             active_size=(1052, 1914), eval_size=(1024, 2048), eval_every=1000, save_every=1000, out="runs/mada/stage1")
+PAPER_V2 = dict(PAPER, iters=900000, stop_iter=111450, head_lr_mult=10.0, active_size=(1024, 2048),
+                out="runs/mada/stage1_madav2")
+TOY = dict(iters=40, batch_size=4, lr=1e-2, head_lr_mult=1.0, eval_every=40, save_every=20, out="runs/mada/stage1")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     g = p.add_argument_group("method (MADA stage 1)")
+    g.add_argument("--recipe", default="mada", choices=["mada", "madav2"], help="paper preset: MADA stage 1 or "
+                   "MADAv2 step 1 (150 epochs, poly over 900k, heads 10x); the toy preset is the same for both")
+    g.add_argument("--active-size", type=cli.hw, default=None, help="H,W the active target images are resized to "
+                   "before the augmentation (upstream img_rows x img_cols of the active set)")
     g.add_argument("--init-from", default="runs/mada/warmup/model.pth", help="warm-up model.pth (warmup.py)")
     g.add_argument("--selection", default="runs/mada/select_mada",
                    help="selected.json / selected.txt (or its folder) of select_active.py")
     g.add_argument("--lambda-active", type=float, default=1.0, help="weight of the CE on the active images")
-    g.add_argument("--head-lr-mult", type=float, default=1.0, help="lr multiplier of ASPP/decoder/classifier "
-                   "(MADA trains every parameter at one lr)")
+    g.add_argument("--head-lr-mult", type=float, default=None, help="lr multiplier of ASPP/decoder/classifier "
+                   "(MADA trains every parameter at one lr: 1; MADAv2 10)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-4)
+    g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
+                   "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
     args = p.parse_args(argv)
-    cli.fill_defaults(args, TOY, PAPER)
+    cli.fill_defaults(args, TOY, PAPER_V2 if args.recipe == "madav2" else PAPER)
     cli.default_num_classes(args)
     return args
 
@@ -76,11 +86,12 @@ def main(args):
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     toy = cli.is_toy(args)
-    src_aug = core.train_transform(toy, args.crop_size or DOMAINS[src][3], args.random_mirror)
-    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror)
+    src_aug = core.train_transform(toy, args.crop_size or DOMAINS[src][3], args.random_mirror,
+                                   core.UPSTREAM_HW.get(DOMAINS[src][0]))
+    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror, args.active_size)
     source = train_set(src, src_root, mcfg["num_classes"], mcfg["norm"], src_aug)
     labeled = core.read_selection(args.selection)
-    val = eval_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"])
+    val = core.eval_set_at(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], args.eval_size)
 
     # ---- optimiser, resume -----------------------------------------------------------------------
     optimizer = core.param_groups_sgd(model, args.lr, args.momentum, args.weight_decay, args.head_lr_mult)
@@ -135,7 +146,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -163,4 +174,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

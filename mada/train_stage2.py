@@ -1,4 +1,4 @@
-"""MADA stage 2 (upstream train_active_stage2.py): continue from the stage-1 model with, in addition to
+r"""MADA stage 2 (upstream train_active_stage2.py): continue from the stage-1 model with, in addition to
 the supervised terms, hard pseudo-labels on the unlabelled target and the soft multi-anchor loss that
 pulls each target image's objective vector toward the target anchors (made from the stage-1 model's
 target vectors: save_features.py --domain target + cluster_anchors.py), whose nearest anchor follows
@@ -10,8 +10,8 @@ the image by a momentum update. MADA Sec. 3.4, Eqs. 4-6.
 
 Toy (no arguments: the stage-1 model, its target anchors in runs/mada/anchors/target_stage1):
     python mada/train_stage2.py
-Upstream's treatment of absent classes (zero rows enter distances and the anchor update):
-    python mada/train_stage2.py --absent zero
+Ablation: absent classes masked out of the distances and the anchor update (upstream: zero rows enter them):
+    python mada/train_stage2.py --absent mask
 GTA5 -> Cityscapes:
     python mada/train_stage2.py --source gta5 --source-root /data/GTA5 --target cityscapes \
         --target-root /data/cityscapes --init-from runs/mada/stage1/model.pth \
@@ -30,18 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
+from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
 from mada import core
 
-# Defaults. PAPER: MADA configs/active_from_gta_to_city_stage2.yml (the stage-1 optimiser, (SGD 1e-4 on every parameter,
-# SGD 1e-4 on every parameter, momentum 0.9, wd 2e-4, poly 0.9 over 90k, ~37k iterations; batch 4 + 4
-# + 4; cls_feature_weight 0.7). TOY: a short CPU fine-tuning of the toy stage-1 model.
-PAPER = dict(iters=90000, stop_iter=37200, batch_size=4, lr=1e-4, eval_every=1000, save_every=1000,
-             out="runs/mada/stage2")
+# Defaults (mada/README.md, recipe tables). PAPER: MADA configs/active_from_gta_to_city_stage2.yml (the stage-1
+# optimiser: SGD 1e-4 on every parameter, momentum 0.9, wd 2e-4, poly 0.9 over 90k, 50 epochs of 743 iterations
+# = 37,150; batch 4 + 4 + 4; crop 512x896; active images read at 1052x1914; cls_feature_weight 0.7).
+# TOY: a short CPU fine-tuning of the toy stage-1 model.
+PAPER = dict(iters=90000, stop_iter=37150, batch_size=4, lr=1e-4, crop_size=(512, 896), active_size=(1052, 1914),
+             eval_size=(1024, 2048), eval_every=1000, save_every=1000, out="runs/mada/stage2")
 TOY = dict(iters=40, batch_size=4, lr=5e-3, eval_every=40, save_every=20, out="runs/mada/stage2")
 
 
@@ -58,13 +59,19 @@ def parse_args(argv=None):
     g.add_argument("--lambda-pseudo", type=float, default=1.0, help="weight of the target pseudo-label CE")
     g.add_argument("--lambda-anchor", type=float, default=0.7, help="weight of the soft anchor loss (0.7)")
     g.add_argument("--anchor-momentum", type=float, default=0.999, help="momentum of the nearest-anchor update")
-    g.add_argument("--absent", default="mask", choices=core.ABSENT_CHOICES,
-                   help="mask: distances/updates over the image's present classes; zero: upstream")
+    g.add_argument("--absent", default="zero", choices=core.ABSENT_CHOICES,
+                   help="zero: absent classes' zero rows enter distances/updates (upstream); mask: ablation")
+    g.add_argument("--anchor-grad", default="pooling", choices=core.GRAD_CHOICES, help="gradient of V_c: "
+                   "pooling = 2/(h w) per pixel (upstream NormalisationPoolingFunction); mean = 1/|M_c| (ablation)")
+    g.add_argument("--active-size", type=cli.hw, default=None, help="H,W the active target images are resized to "
+                   "before the augmentation (upstream img_rows x img_cols of the active set)")
     g.add_argument("--min-pixels", type=int, default=10, help="pixels a class needs in an objective vector")
     g.add_argument("--head-lr-mult", type=float, default=1.0, help="lr multiplier of ASPP/decoder/classifier "
                    "(MADA trains every parameter at one lr)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-4)
+    g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
+                   "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
     args = p.parse_args(argv)
     cli.fill_defaults(args, TOY, PAPER)
@@ -95,11 +102,14 @@ def main(args):
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     toy = cli.is_toy(args)
-    src_aug = core.train_transform(toy, args.crop_size or DOMAINS[src][3], args.random_mirror)
-    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror)
+    src_aug = core.train_transform(toy, args.crop_size or DOMAINS[src][3], args.random_mirror,
+                                   core.UPSTREAM_HW.get(DOMAINS[src][0]))
+    act_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror, args.active_size)
+    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror,
+                                   core.UPSTREAM_HW.get(DOMAINS[tgt][0]))
     source = train_set(src, src_root, mcfg["num_classes"], mcfg["norm"], src_aug)
     labeled = core.read_selection(args.selection)
-    val = eval_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"])
+    val = core.eval_set_at(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], args.eval_size)
 
     anchors = torch.from_numpy(core.load_anchors(args.anchors)[0]).to(device)
     if anchors.shape[1] != mcfg["num_classes"]:
@@ -121,7 +131,7 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
-    active = core.subset_by_names(train_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], tgt_aug),
+    active = core.subset_by_names(train_set(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], act_aug),
                                   labeled, f"selection {args.selection}")
     ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     batches = infinite_loader(source, args.batch_size, args.seed, start, args.workers, rank, world)
@@ -153,7 +163,7 @@ def main(args):
         # hard pseudo-labels: the model's own argmax, no threshold, at feature (1/4) resolution
         loss_pseudo = cross_entropy(logits_t, logits_t.detach().argmax(1))
         loss_anchor, vec, present, d = core.batch_anchor_loss(feat_t, logits_t, anchors, mcfg["num_classes"],
-                                                              args.min_pixels, args.absent)
+                                                              args.min_pixels, args.absent, args.anchor_grad)
         scaler.scale(args.lambda_pseudo * loss_pseudo + args.lambda_anchor * loss_anchor).backward()
         if world > 1:  # every rank applies every rank's update, in rank order: anchors stay identical
             vec, present, d = (torch.cat(gather(t)) for t in (vec, present, d))
@@ -175,7 +185,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -205,4 +215,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

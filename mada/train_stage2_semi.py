@@ -1,4 +1,4 @@
-"""MADAv2 step 2 (upstream step2_train_active_semi_sup.py): semi-supervised fine-tuning on the target
+r"""MADAv2 step 2 (upstream step2_train_active_semi_sup.py): semi-supervised fine-tuning on the target
 only, after AEL/U2PL. No source data. Teacher = the stage-1 model, frozen, in eval mode; student starts
 from it. Labelled = the active images (OHEM CE); unlabelled = pairs of target images, the second drawn
 from a class-wise bank, mixed by class-aware CutMix; consistency = confidence-weighted CE to the
@@ -32,19 +32,23 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
+from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import ohem_cross_entropy
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
 from mada import core, semi
 
-# Defaults. PAPER: MADAv2 configs/active_from_gta_to_city_stage2.yml (SGD 1e-4, backbone 1x / heads 10x,
-# momentum 0.9, wd 2e-4, poly over 900k, 200 epochs of the target loader = 148.8k iterations, anchor
-# loss after epoch 50 = iteration 37.2k; labelled batch 4; OHEM 0.7 / 100k). TOY: a short CPU run.
-PAPER = dict(iters=900000, stop_iter=148800, batch_size=4, lr=1e-4, anchor_start=37200, ohem_min_kept=100000,
-             eval_every=1000, save_every=1000, out="runs/mada/stage2_semi")
-TOY = dict(iters=40, batch_size=4, lr=2.5e-3, anchor_start=10, ohem_min_kept=2000, eval_every=40,
+# Defaults (mada/README.md, recipe tables). PAPER: MADAv2 configs/active_from_gta_to_city_stage2.yml (SGD 1e-4,
+# backbone 1x / heads 10x, momentum 0.9, wd 2e-4, poly over 900k, 200 epochs of the target loader (2975 // 4 = 743
+# iterations, drop_last) = 148,600 iterations; anchor loss while epoch > 50 (adaptation_model_AEL.py:373), i.e.
+# from iteration 51 x 743 = 37,893; entropy-filter percent 20 (1 - epoch / 200), per epoch; labelled batch 4;
+# OHEM 0.7 / 100k; crop 512x896; active images read at 1052x1914). TOY: a short CPU run (epochs of 4 iterations).
+PAPER = dict(iters=900000, stop_iter=148600, batch_size=4, lr=1e-4, anchor_start=37893, epoch_iters=743,
+             ohem_min_kept=100000, crop_size=(512, 896), active_size=(1052, 1914),
+             eval_size=(1024, 2048), eval_every=1000, save_every=1000,
+             out="runs/mada/stage2_semi")
+TOY = dict(iters=40, batch_size=4, lr=2.5e-3, anchor_start=10, epoch_iters=4, ohem_min_kept=2000, eval_every=40,
            save_every=20, out="runs/mada/stage2_semi")
 
 
@@ -65,7 +69,10 @@ def parse_args(argv=None):
     g.add_argument("--conf-thresh", type=float, default=0.0, help="teacher confidence below which labelled-"
                    "image consistency pixels are ignored (upstream 0)")
     g.add_argument("--entropy-percent", type=float, default=20.0, help="percent of unlabelled teacher pixels "
-                   "dropped at the start, decaying linearly to 0 (U2PL low_entropy_threshold)")
+                   "dropped in the first epoch, decaying per epoch as percent (1 - epoch / epochs) (U2PL "
+                   "low_entropy_threshold)")
+    g.add_argument("--epoch-iters", type=int, default=None, help="iterations per epoch of upstream's target loader "
+                   "(2975 // 4 = 743): the unit of the entropy-filter decay")
     g.add_argument("--entropy-filter", default="high", choices=["high", "low"], help="high: drop the most "
                    "uncertain pixels (U2PL's intent); low: drop the most certain ones (upstream MADAv2)")
     g.add_argument("--class-momentum", type=float, default=0.999, help="momentum of the class confidence")
@@ -74,12 +81,18 @@ def parse_args(argv=None):
     g.add_argument("--lambda-anchor", type=float, default=0.1, help="weight of the anchor loss (0.1)")
     g.add_argument("--anchor-start", type=int, default=None, help="iteration from which the anchor loss is on")
     g.add_argument("--anchor-momentum", type=float, default=0.999, help="momentum of the nearest-anchor update")
-    g.add_argument("--absent", default="mask", choices=core.ABSENT_CHOICES,
-                   help="mask: distances/updates over the image's present classes; zero: upstream")
+    g.add_argument("--absent", default="zero", choices=core.ABSENT_CHOICES,
+                   help="zero: absent classes' zero rows enter distances/updates (upstream); mask: ablation")
+    g.add_argument("--anchor-grad", default="pooling", choices=core.GRAD_CHOICES, help="gradient of V_c: "
+                   "pooling = 2/(h w) per pixel (upstream NormalisationPoolingFunction); mean = 1/|M_c| (ablation)")
+    g.add_argument("--active-size", type=cli.hw, default=None, help="H,W the active target images are resized to "
+                   "before the augmentation (upstream img_rows x img_cols of the active set)")
     g.add_argument("--min-pixels", type=int, default=10, help="pixels a class needs in an objective vector")
     g.add_argument("--head-lr-mult", type=float, default=10.0, help="lr multiplier of ASPP/decoder/classifier")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=2e-4)
+    g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
+                   "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
     args = p.parse_args(argv)
     cli.fill_defaults(args, TOY, PAPER)
@@ -112,9 +125,11 @@ def main(args):
     # ---- data ------------------------------------------------------------------------------------
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     toy = cli.is_toy(args)
-    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror)
+    act_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror, args.active_size)
+    tgt_aug = core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror,
+                                   core.UPSTREAM_HW.get(DOMAINS[tgt][0]))
     labeled = core.read_selection(args.selection)
-    val = eval_set(tgt, tgt_root, nc, mcfg["norm"])
+    val = core.eval_set_at(tgt, tgt_root, nc, mcfg["norm"], args.eval_size)
     anchors = torch.from_numpy(core.load_anchors(args.anchors)[0]).to(device)
     if anchors.shape[1] != nc:
         raise SystemExit(f"anchors {tuple(anchors.shape)} of {args.anchors} do not match {nc} classes")
@@ -140,7 +155,7 @@ def main(args):
         rt.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start, best = ck["iter"], ck["best"]
         log.log({"event": "resumed", "iter": start})
-    active = core.subset_by_names(train_set(tgt, tgt_root, nc, mcfg["norm"], tgt_aug), labeled,
+    active = core.subset_by_names(train_set(tgt, tgt_root, nc, mcfg["norm"], act_aug), labeled,
                                   f"selection {args.selection}")
     ddp = rt.wrap_ddp(model, device, world, compile_model=args.compile)
     a_batches = infinite_loader(active, args.batch_size, args.seed + 1, start, args.workers, rank, world)
@@ -173,7 +188,7 @@ def main(args):
         x_mix = x_mix.contiguous(memory_format=rt.memory_format(amp))
         conf_sup, lab_sup = F.softmax(t_sup, 1).max(1)
         lab_sup = torch.where(conf_sup < args.conf_thresh, torch.full_like(lab_sup, 255), lab_sup)
-        percent = args.entropy_percent * (1 - it / args.stop_iter)
+        percent = semi.entropy_percent(args.entropy_percent, it, args.epoch_iters, args.stop_iter)  # per epoch
         lab_mix, conf_mix = semi.entropy_filter(t_mix, percent, args.entropy_filter)
 
         optimizer.zero_grad(set_to_none=True)
@@ -193,7 +208,7 @@ def main(args):
             with rt.autocast(device, amp):
                 pw = ddp(xu, return_feat=True)
             loss_anchor, vec, present, d = core.batch_anchor_loss(pw["feat"].float(), pw["out"].float(), anchors,
-                                                                  nc, args.min_pixels, args.absent)
+                                                                  nc, args.min_pixels, args.absent, args.anchor_grad)
             scaler.scale(args.lambda_anchor * loss_anchor).backward()
             if world > 1:  # every rank applies every rank's update, in rank order: anchors stay identical
                 vec, present, d = (torch.cat(gather(t)) for t in (vec, present, d))
@@ -223,7 +238,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -254,4 +269,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

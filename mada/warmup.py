@@ -1,4 +1,4 @@
-"""Warm-up model of MADA / MADAv2: DeepLabV3+ trained on the labelled source, optionally with
+r"""Warm-up model of MADA / MADAv2: DeepLabV3+ trained on the labelled source, optionally with
 AdaptSegNet-style output-space adversarial alignment to the target (the warm-up the MADA/MADAv2
 READMEs download as `..._best_model_warmup.pkl` from CAG_UDA; it cannot be downloaded here, so it is a
 step of this folder). Its 256-d decoder feature gives the source anchors and the MADAv2 target anchors.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
+from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
@@ -38,7 +38,7 @@ from mada import core
 # we use AdaptSegNet's output-space recipe (SGD 2.5e-4 momentum 0.9 wd 5e-4, poly 0.9, D Adam 1e-4,
 # lambda_adv 0.001) on MADA's DeepLabV3+ R101 and augmentation. TOY: ResNet-18 from scratch.
 PAPER = dict(model="deeplabv3plus", backbone="resnet101", init=None, iters=120000, batch_size=4, lr=2.5e-4,
-             lambda_adv=0.001, eval_every=2000, save_every=2000, out="runs/mada/warmup")
+             lambda_adv=0.001, crop_size=(512, 896), eval_size=(1024, 2048), eval_every=2000, save_every=2000, out="runs/mada/warmup")
 TOY = dict(model="deeplabv3plus", backbone="resnet18", init="scratch", iters=150, batch_size=8, lr=1e-2,
            lambda_adv=0.0, eval_every=150, save_every=50, out="runs/mada/warmup")
 
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     g.add_argument("--lr-d", type=float, default=1e-4, help="discriminator Adam learning rate")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
+                   "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
     args = p.parse_args(argv)
     cli.fill_defaults(args, TOY, PAPER)
@@ -80,11 +82,13 @@ def main(args):
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     crop = args.crop_size or DOMAINS[src][3]
     toy = cli.is_toy(args)
-    source = train_set(src, src_root, args.num_classes, mcfg["norm"], core.train_transform(toy, crop, args.random_mirror))
+    source = train_set(src, src_root, args.num_classes, mcfg["norm"], core.train_transform(
+        toy, crop, args.random_mirror, core.UPSTREAM_HW.get(DOMAINS[src][0])))
     target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"],
-                       core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror),
+                       core.train_transform(toy, args.crop_size or DOMAINS[tgt][3], args.random_mirror,
+                                            core.UPSTREAM_HW.get(DOMAINS[tgt][0])),
                        with_labels=False) if adv else None
-    val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+    val = core.eval_set_at(tgt, tgt_root, args.num_classes, mcfg["norm"], args.eval_size)
 
     # ---- optimiser, resume -----------------------------------------------------------------------
     optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay)
@@ -159,7 +163,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -186,4 +190,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

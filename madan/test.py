@@ -1,7 +1,11 @@
-"""Evaluate MADAN checkpoints (any segmenter of this folder: FCN8s-VGG16 or DeepLab) on the target: mIoU
+r"""Evaluate MADAN checkpoints (any segmenter of this folder: FCN8s-VGG16 or DeepLab) on the target: mIoU
 (16 classes + 13-class mIoU* when a SYNTHIA source is involved, as in MADAN's multi-source table), the
-per-class IoU table, optional flip TTA, colour-coded predictions. Images at the evaluation size
-(Cityscapes 1024x512), logits upsampled to the full label resolution.
+per-class IoU table, optional flip TTA, colour-coded predictions. Two protocols (--protocol):
+  madan  upstream's scripts/eval_fcn.py (default on real data): the FULL 2048x1024 image in, no resize; with
+         the 19-class model of the paper preset, mIoU16 = (sum of the IoUs of the 16 classes other than
+         terrain, truck, train) / 16 (eval_fcn.py:118-131; a class absent from GT and prediction counts 0).
+  segda  this repository's (default on toy): images at the domain's evaluation size (Cityscapes 1024x512),
+         logits upsampled to the label resolution, nanmean over the model's classes.
 
     L = nothing (evaluation only)
 
@@ -30,10 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
 from common import runtime as rt
-from common.datasets import eval_set, resolve_domain
+from common.datasets import DOMAINS, build_dataset, eval_set, resolve_domain
 from common.evaluate import adabn_on_domain, evaluate  # adabn_on_domain: the AdaBN control (--adabn)
 from common.metrics import format_table
 from common.fcn import segmenter_from_checkpoint
+from common.transforms import Compose
 
 
 def parse_args(argv=None):
@@ -44,8 +49,15 @@ def parse_args(argv=None):
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
+    p.add_argument("--protocol", default=None, choices=["madan", "segda"], help="madan: full-resolution input, "
+                   "sum of the 16 common IoUs / 16 (upstream eval_fcn.py); segda: the domain's evaluation size, "
+                   "nanmean (default: madan on real data, segda on toy)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation (average of probabilities)")
-    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions "
+                   "and predictions/grid.png (input | ground truth | prediction | errors of the first 4, legend)")
+    p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
+                   "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
+                   "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
     p.add_argument("--adabn", action="store_true", help="AdaBN: re-estimate BN running statistics on the "
                    "unlabelled target train split before evaluating (a control, see above)")
     p.add_argument("--adabn-images", type=int, default=0, help="AdaBN: use the first N shuffled images (0 = all)")
@@ -54,7 +66,27 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
                    "(default: CHECKPOINT's folder/eval_SPLIT)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.protocol is None:  # upstream's protocol on real data, this repository's on the toy domains
+        args.protocol = "segda" if str(args.target).startswith("toy") else "madan"
+    return args
+
+
+def eval_data(tgt, root, num_classes, norm, split, protocol):
+    """The evaluation split: 'madan' feeds the image at full resolution (upstream eval_fcn.py: the network's
+    transform only), 'segda' resizes it to the domain's evaluation size. Labels stay at full resolution."""
+    if protocol == "segda":
+        return eval_set(tgt, root, num_classes, norm, split)
+    kind, _, default_split = DOMAINS[tgt][:3]
+    return build_dataset(kind, root, split or default_split, num_classes, Compose([]), norm)
+
+
+def madan_miou16(res, num_classes):
+    """Upstream's reported number (eval_fcn.py:118-131): sum of the per-class IoUs of the 16 common classes
+    (all but terrain, truck, train) / 16; a class with no pixel in GT or prediction counts 0, not NaN."""
+    iou = [0.0 if v is None else v for k, v in res["per_class"].items() if k not in ("terrain", "truck", "train")]
+    assert len(iou) == 16, (num_classes, len(iou))
+    return sum(iou) / 16
 
 
 def main(args):
@@ -69,7 +101,8 @@ def main(args):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
     tgt, _, root = resolve_domain(args.target, args.target_root, "target")
-    data = eval_set(tgt, root, cfg["num_classes"], cfg["norm"], args.split)
+    protocol = args.protocol
+    data = eval_data(tgt, root, cfg["num_classes"], cfg["norm"], args.split, protocol)
     split = args.split or "val"
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
     if rank == 0:
@@ -84,10 +117,14 @@ def main(args):
         print(f"[test] AdaBN: BN statistics re-estimated on {n} {tgt} train images")
     res = evaluate(model, data, cfg["num_classes"], device, amp, args.flip,
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
-                   rank=rank, world_size=world, workers=args.workers, ensemble=other)
+                   rank=rank, world_size=world, workers=args.workers, ensemble=other,
+                   label_id_dir=args.save_label_ids)
     report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
-              "flip": args.flip, "adabn": args.adabn, "last": res, "mIoU": res["mIoU"], "images": len(data),
+              "flip": args.flip, "adabn": args.adabn, "protocol": protocol, "last": res, "mIoU": res["mIoU"],
+              "images": len(data),
               "seconds": round(time.time() - t0, 1)}
+    if protocol == "madan" and cfg["num_classes"] in (16, 19):
+        res["mIoU16_madan"] = report["mIoU16_madan"] = madan_miou16(res, cfg["num_classes"])
     # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label
     # them: 'best' is selected on this very split, so it is optimistic.
     if args.snapshots:
@@ -106,8 +143,8 @@ def main(args):
         rt.save_json(out / "final.json", report)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))
-        line = f"[test] {tgt}/{split}: last mIoU {res['mIoU']:.2f}"
-        for k in ("mIoU16", "mIoU13"):
+        line = f"[test] {tgt}/{split} ({protocol} protocol): last mIoU {res['mIoU']:.2f}"
+        for k in ("mIoU16", "mIoU13", "mIoU16_madan"):
             if k in res:
                 line += f"  {k} {res[k]:.2f}"
         if "best_snapshot" in report:
@@ -117,4 +154,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -1,10 +1,12 @@
-"""MADAN's feature-level adaptation (Sec. 3.4, "feature-level alignment"; upstream scripts/train_fcn_adda.py,
+r"""MADAN's feature-level adaptation (Sec. 3.4, "feature-level alignment"; upstream scripts/train_fcn_adda.py,
 CyCADA's ADDA step): starting from the segmenter trained on the aggregated adapted sources, a 1x1-conv
 domain classifier D on the segmenter's scores (or fc7 features) tells the adapted sources (1) from the
 target (0); the segmenter is updated to make target predictions look like source ones, but only while D
 is good enough: its accuracy over the last 100 steps above 60%. Weights are shared between the source
 and target networks (upstream --weights_shared); the sources alternate (round robin).
 
+    D pre-training (score discriminator, upstream --train_discrim_only then --weights_discrim): D steps
+             only, until D's running accuracy passes 60%; then the loop below starts with that D.
     D step:  L_D = CE(D(s(x_k)), 1) + CE(D(s(x_T)), 0)                   (s: scores or features, detached)
     if mean acc(D, last 100) > 60%:
         G step:  lambda_g * CE(D(s(x_T)), 1)                             (target labelled "source")
@@ -14,7 +16,8 @@ Toy (no arguments; needs runs/madan/segmenter (on translated sources) and runs/m
     python madan/train_adda.py
 Discriminator on features instead of scores:
     python madan/train_adda.py --discrim feat --out runs/madan/adda_feat
-Real data (upstream scripts/ADDA/adda_cyclegta2cs_score.sh: SGD 2e-5, batch 8, lambda_g 0.1, 25k iterations):
+Real data (upstream scripts/ADDA/adda_cyclegta2cs_score.sh: SGD 2e-5, batch 8, lambda_g 0.1, 25k iterations,
+images resized to 540x300 with random flip, starting from a discriminator pre-trained until it passes the 60% gate):
     python madan/train_adda.py --source gta5,synthia --source-root /data/cyclegta5,/data/cyclesynthia \
         --target cityscapes --target-root /data/cityscapes --init-from runs/madan/segmenter/model.pth
 Several processes (gradients all-reduced by hand: the segmenter runs several times per step):
@@ -34,19 +37,22 @@ from common.datasets import infinite_loader, resolve_domain, train_set, eval_set
 from common.evaluate import evaluate
 from common.fcn import segmenter_from_checkpoint
 from common.metrics import format_table
-from common.transforms import Compose, Resize
+from common.transforms import Compose, RandomHFlip, Resize
 from madan import losses as Lm
 from madan.models import AddaDiscriminator, FeatureHook
 from madan.util import SOURCES_HELP, average_gradients, fill_defaults, sources_of
 
 # Defaults. PAPER: upstream adda_cyclegta2cs_score.sh (SGD lr 2e-5, momentum 0.9, wd 5e-4, batch 8, lambda_d 1,
-# lambda_g 0.1, discriminator on scores, 25k iterations). TOY: the toy segmenter was trained with SGD 1e-2,
-# so a larger lr (1e-3) and a CPU-sized budget (batch 4, 300 iterations: with 60, D's running accuracy never
-# passed the 60% gate, so no G step was ever taken; with 300 about 40% of the steps are gated in).
-PAPER = dict(iters=25000, batch_size=8, lr=2e-5, eval_every=1000, save_every=1000, init_from=None,
-             out="runs/madan/adda")
-TOY = dict(iters=300, batch_size=4, lr=1e-3, eval_every=300, save_every=100,
-           source_root="runs/madan/translated/toy_synthia,runs/madan/translated/toy_gta5",
+# lambda_g 0.1, discriminator on scores pre-trained to the 60% gate, 25k iterations, --resize 300 = 300x540
+# with random flip (cycada/data/data_loader.py:60-62, cycada/data/adda_datasets.py:58-60), stop after
+# 3 x min(|source|, |target|) iterations without a G step (train_fcn_adda.py:425-430)).
+# TOY: the toy segmenter was trained with SGD 1e-2, so a larger lr (1e-3) and a CPU-sized budget (batch 4,
+# 300 iterations: with 60, D's running accuracy never passed the 60% gate, so no G step was ever taken; with 300
+# about 40% of the steps are gated in).
+PAPER = dict(iters=25000, batch_size=8, lr=2e-5, crop_size=(300, 540), random_mirror=1, pretrain_d=1,
+             stall_stop=-1, eval_every=1000, save_every=1000, init_from=None, out="runs/madan/adda")
+TOY = dict(iters=300, batch_size=4, lr=1e-3, random_mirror=0, pretrain_d=0, stall_stop=0, eval_every=300,
+           save_every=100, source_root="runs/madan/translated/toy_synthia,runs/madan/translated/toy_gta5",
            init_from="runs/madan/segmenter/model.pth", out="runs/madan/adda")
 
 
@@ -65,6 +71,16 @@ def parse_args(argv=None):
     g.add_argument("--gate", type=float, default=60.0, help="G/CE steps only while D's running accuracy (%%) "
                    "is above this")
     g.add_argument("--gate-window", type=int, default=100, help="steps in D's running accuracy")
+    g.add_argument("--random-mirror", type=int, default=None, choices=[0, 1], help="random horizontal flip of "
+                   "source and target batches (upstream augment_collate flip=True whenever --resize is given)")
+    g.add_argument("--pretrain-d", type=int, default=None, choices=[0, 1], help="first train D alone until its "
+                   "running accuracy passes --gate (upstream --train_discrim_only, then --weights_discrim)")
+    g.add_argument("--pretrain-d-iters", type=int, default=None, help="most D-only steps of the pre-training "
+                   "(default --iters; upstream's run had no other bound)")
+    g.add_argument("--init-disc", default=None, help="load a pre-trained discriminator state (upstream "
+                   "--weights_discrim; e.g. OUT/discriminator_abv60.pth of an earlier run) instead of pre-training")
+    g.add_argument("--stall-stop", type=int, default=None, help="stop after this many iterations without a G step "
+                   "(-1: 3 x min(source images, target images) as upstream; 0: never)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     args = p.parse_args(argv)
@@ -72,6 +88,11 @@ def parse_args(argv=None):
     if args.init_from is None:
         p.error("--init-from (the segmenter trained on the adapted sources) is required")
     return args
+
+
+def adda_aug(args, name):
+    """Transform of domain `name`: resize to --crop-size (paper: 300x540), else the domain's size; optional flip."""
+    return Compose([Resize(args.crop_size or DOMAINS[name][3])] + ([RandomHFlip()] if args.random_mirror else []))
 
 
 def main(args):
@@ -93,10 +114,8 @@ def main(args):
     # ---- data ------------------------------------------------------------------------------------
     sources = sources_of(args)
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
-    sets = [train_set(name, root, args.num_classes, mcfg["norm"], Compose([Resize(args.crop_size or DOMAINS[name][3])]))
-            for name, kind, root in sources]
-    target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], Compose([Resize(args.crop_size or DOMAINS[tgt][3])]),
-                       with_labels=False)
+    sets = [train_set(name, root, args.num_classes, mcfg["norm"], adda_aug(args, name)) for name, kind, root in sources]
+    target = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], adda_aug(args, tgt), with_labels=False)
     val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
 
     # ---- optimiser, resume -----------------------------------------------------------------------
@@ -115,18 +134,9 @@ def main(args):
         start, best, g_updates = ck["iter"], ck["best"], ck["g_updates"]
         log.log({"event": "resumed", "iter": start})
     n = len(sets)
-    batches = [infinite_loader(s, args.batch_size, args.seed + 1000 * k, max(0, -(-(start - k) // n)), args.workers,
-                               rank, world) for k, s in enumerate(sets)]
-    tgt_batches = infinite_loader(target, args.batch_size, args.seed + 999, start, args.workers, rank, world)
+    stall = 3 * min(sum(len(s) for s in sets), len(target)) if args.stall_stop == -1 else args.stall_stop
 
-    # ---- training loop ---------------------------------------------------------------------------
-    t0 = time.time()
-    for it in range(start, args.stop_iter):
-        k = it % n
-        batch, tbatch = next(batches[k]), next(tgt_batches)
-        xs, ys = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
-        xt = rt.to_device(tbatch["image"], device, amp)
-        # -- method: ADDA -- D step on detached scores/features, then gated G and source-CE steps --
+    def d_step(xs, xt):  # one discriminator step on detached scores/features (also the pre-training step)
         with torch.no_grad(), rt.autocast(device, amp):
             score_s, feat_s = hook(model, xs)
             score_t, feat_t = hook(model, xt)
@@ -138,10 +148,48 @@ def main(args):
         (args.lambda_d * loss_d).backward()
         average_gradients([disc], world)
         opt_dis.step()
-        gate.update(Lm.domain_accuracy(d_s, d_t))
+        return loss_d, Lm.domain_accuracy(d_s, d_t)
+
+    if args.init_disc and start == 0:
+        disc.load_state_dict(rt.load_checkpoint(args.init_disc)["disc"])
+        log.log({"event": "discriminator loaded", "path": str(args.init_disc)})
+    elif args.pretrain_d and start == 0:
+        # -- method: D pre-training until the gate (upstream --train_discrim_only saves discriminator_abv60.pth
+        # at the first step whose running accuracy is above 60%; its loop then never ends: we stop there) --
+        pre = Lm.AccuracyGate(args.gate, args.gate_window)
+        pre_s = [infinite_loader(s, args.batch_size, args.seed + 1000 * k + 500, 0, args.workers, rank, world)
+                 for k, s in enumerate(sets)]
+        pre_t = infinite_loader(target, args.batch_size, args.seed + 1499, 0, args.workers, rank, world)
+        limit, j = args.pretrain_d_iters or args.iters, -1
+        for j in range(limit):
+            loss_d, acc = d_step(rt.to_device(next(pre_s[j % n])["image"], device, amp),
+                                 rt.to_device(next(pre_t)["image"], device, amp))
+            if pre.update(acc):
+                break
+        log.log({"event": "discriminator pre-trained", "steps": j + 1, "dom_acc": pre.mean(), "passed": pre.open()})
+        if rank == 0:
+            rt.save_checkpoint(out / "discriminator_abv60.pth", disc=disc.state_dict(), steps=j + 1, dom_acc=pre.mean())
+        # the adaptation run starts with fresh optimiser and gate history (upstream: a new run, --weights_discrim)
+        opt_dis = torch.optim.SGD(disc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        # -- end of method --
+    batches = [infinite_loader(s, args.batch_size, args.seed + 1000 * k, max(0, -(-(start - k) // n)), args.workers,
+                               rank, world) for k, s in enumerate(sets)]
+    tgt_batches = infinite_loader(target, args.batch_size, args.seed + 999, start, args.workers, rank, world)
+    last_g = ck["last_g"] if start and "last_g" in ck else start - 1
+
+    # ---- training loop ---------------------------------------------------------------------------
+    t0 = time.time()
+    for it in range(start, args.stop_iter):
+        k = it % n
+        batch, tbatch = next(batches[k]), next(tgt_batches)
+        xs, ys = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
+        xt = rt.to_device(tbatch["image"], device, amp)
+        # -- method: ADDA -- D step on detached scores/features, then gated G and source-CE steps --
+        loss_d, acc = d_step(xs, xt)
+        gate.update(acc)
         rec = {}
         if gate.open():
-            g_updates += 1
+            g_updates, last_g = g_updates + 1, it
             disc.requires_grad_(False)
             with rt.autocast(device, amp):
                 score_t, feat_t = hook(model, xt)
@@ -164,13 +212,14 @@ def main(args):
                      **rec, "s_per_iter": (time.time() - t0) / (it - start + 1)})
 
         # ---- evaluate, checkpoint ---------------------------------------------------------------
-        last = it + 1 == args.stop_iter
+        stalled = stall > 0 and it + 1 - last_g >= stall  # upstream (:425): "No suitable discriminator found"
+        last = it + 1 == args.stop_iter or stalled
         if (it + 1) % args.eval_every == 0 or last:
             res = evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -182,15 +231,19 @@ def main(args):
             if rank == 0:
                 rt.save_checkpoint(out / "checkpoint.pth", model=model.state_dict(), disc=disc.state_dict(),
                                    opt_dis=opt_dis.state_dict(), opt_rep=opt_rep.state_dict(), gate=list(gate.acc),
-                                   g_updates=g_updates, iter=it + 1, rng=rngs, best=best, config=mcfg)
-                (out / "snapshots").mkdir(exist_ok=True)
-                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
-                                   config=mcfg, iter=it + 1)
+                                   g_updates=g_updates, last_g=last_g, iter=it + 1, rng=rngs, best=best, config=mcfg)
+                if args.keep_snapshots:
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                       config=mcfg, iter=it + 1)
+        if stalled:
+            log.log({"event": "stopped", "iter": it + 1, "reason": f"no G step in {stall} iterations"})
+            break
 
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
-        rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
-        final = {"last": res, "best": best, "iters": args.stop_iter, "g_updates": g_updates,
+        rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
+        final = {"last": res, "best": best, "iters": it + 1, "g_updates": g_updates,
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
@@ -201,4 +254,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

@@ -1,4 +1,4 @@
-"""MADAN's per-source semantic classifiers F_i (Sec. 3.2, "Dynamic Semantic Consistency"): one segmenter
+r"""MADAN's per-source semantic classifiers F_i (Sec. 3.2, "Dynamic Semantic Consistency"): one segmenter
 trained on each labelled source alone, used frozen by train_translation.py's DSC loss. "Dynamic": after
 a translation round, retrain them on the translated sources (point --source-root at translate.py's
 output) and continue the translation with the new classifiers (run_pipeline.py --rounds 2 does this).

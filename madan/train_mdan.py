@@ -1,4 +1,4 @@
-"""The MDAN baseline (Zhao et al., "Adversarial multiple source domain adaptation", NeurIPS 2018) for
+r"""The MDAN baseline (Zhao et al., "Adversarial multiple source domain adaptation", NeurIPS 2018) for
 segmentation, as MADAN compares against it (upstream scripts/train_fcn_mdan.py, cycada/models/MDAN.py):
 one segmenter on all (untranslated) sources; per source j a domain classifier D_j (source j vs target)
 sits behind a gradient reversal on the segmenter's last features, and the per-source losses are
@@ -152,7 +152,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -164,9 +164,10 @@ def main(args):
             if rank == 0:
                 rt.save_checkpoint(out / "checkpoint.pth", model=model.state_dict(), heads=heads.state_dict(),
                                    optimizer=optimizer.state_dict(), iter=it + 1, rng=rngs, best=best, config=mcfg)
-                (out / "snapshots").mkdir(exist_ok=True)
-                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
-                                   config=mcfg, iter=it + 1)
+                if args.keep_snapshots:
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                       config=mcfg, iter=it + 1)
 
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
@@ -181,4 +182,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

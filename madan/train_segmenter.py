@@ -1,4 +1,4 @@
-"""MADAN segmenter training (pixel-level adaptation, Sec. 3.4; upstream scripts/train_fcn.py): supervised
+r"""MADAN segmenter training (pixel-level adaptation, Sec. 3.4; upstream scripts/train_fcn.py): supervised
 cross-entropy on one or several labelled sources, usually the sources translated to the target style by
 translate.py. Several sources are aggregated as upstream does: the batches alternate between them
 (round robin), one source per iteration. Validated on the target. Without translation this is the
@@ -37,11 +37,14 @@ from madan.losses import seg_ce
 from madan.util import SOURCES_HELP, fill_defaults, sources_of
 
 # Defaults. PAPER: upstream scripts/FCN/train_fcn8s_cyclesgta5.sh (FCN8s-VGG16, Adam 1e-4, batch 8,
-# 30k iterations; images at their stored size). TOY: a CPU-sized DeepLabV2-ResNet18 trained from scratch
-# (no ImageNet weights here; FCN8s-VGG16 is ~10x heavier on a CPU), SGD as the foundation's toy preset,
-# batch 4, 600 iterations (120 left the oracle at 22 mIoU, 600 at 33: every row was undertrained).
+# 30k iterations, no augmentation); images resized to TRAIN_HW: GTA5 1080x600 (cycada/data/cyclegta5.py:37-46
+# reads labels_600x1080 and resizes the image to it), SYNTHIA its stored 1280x760 (cyclesynthia.py: no resize).
+# TOY: a CPU-sized DeepLabV2-ResNet18 trained from scratch (no ImageNet weights here; FCN8s-VGG16 is ~10x
+# heavier on a CPU), SGD as the foundation's toy preset, batch 4, 600 iterations
+# (120 left the oracle at 22 mIoU, 600 at 33: every row was undertrained).
 PAPER = dict(model="fcn8s", backbone="vgg16", init=None, iters=30000, batch_size=8, lr=1e-4, optimizer="adam",
              eval_every=2000, save_every=2000, out="runs/madan/segmenter")
+TRAIN_HW = {"gta5": (600, 1080), "synthia": (760, 1280)}
 TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=600, batch_size=4, lr=1e-2,
            optimizer="sgd", eval_every=600, save_every=200, out="runs/madan/segmenter")
 
@@ -73,6 +76,13 @@ def parse_args(argv=None, doc=None):
     return args
 
 
+def segmenter_aug(args, name):
+    """Training transform of source `name`: resize to --crop-size, else TRAIN_HW of its kind (real data), else
+    the domain's size (toy); optional flip."""
+    hw = args.crop_size or (DOMAINS[name][3] if name.startswith("toy") else TRAIN_HW[DOMAINS[name][0]])
+    return Compose([Resize(hw)] + ([RandomHFlip()] if args.random_mirror else []))
+
+
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -96,9 +106,7 @@ def main(args):
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     sets = []
     for name, kind, root in sources:
-        crop = args.crop_size or DOMAINS[name][3]
-        aug = [Resize(crop)] + ([RandomHFlip()] if args.random_mirror else [])
-        sets.append(train_set(name, root, args.num_classes, mcfg["norm"], Compose(aug)))
+        sets.append(train_set(name, root, args.num_classes, mcfg["norm"], segmenter_aug(args, name)))
     val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
 
     # ---- optimiser, resume -----------------------------------------------------------------------
@@ -147,7 +155,7 @@ def main(args):
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or last:
@@ -159,9 +167,10 @@ def main(args):
             if rank == 0:
                 rt.save_checkpoint(out / "checkpoint.pth", model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    scaler=scaler.state_dict(), iter=it + 1, rng=rngs, best=best, config=mcfg)
-                (out / "snapshots").mkdir(exist_ok=True)
-                rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
-                                   config=mcfg, iter=it + 1)
+                if args.keep_snapshots:
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    rt.save_checkpoint(out / "snapshots" / f"iter_{it + 1:06d}.pth", model=model.state_dict(),
+                                       config=mcfg, iter=it + 1)
 
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
@@ -177,4 +186,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

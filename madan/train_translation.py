@@ -1,4 +1,4 @@
-"""MADAN's dynamic adversarial image generation (Sec. 3.2-3.3; upstream
+r"""MADAN's dynamic adversarial image generation (Sec. 3.2-3.3; upstream
 cyclegan/models/multi_cycle_gan_semantic_model.py): a CycleGAN per source (G_i: source i -> target,
 F_i: target -> source i) with one target discriminator D_T shared by all sources, one D_i per source,
 LSGAN losses, cycle consistency, and MADAN's three additions:
@@ -46,16 +46,16 @@ from common.fcn import segmenter_from_checkpoint
 from common.transforms import Compose, RandomCrop, RandomHFlip, Resize
 from madan import losses as Lm
 from madan.models import ImagePool, PatchDiscriminator, ResnetGenerator
-from madan.util import (SOURCES_HELP, ScaleWidth, average_gradients, fill_defaults, gan_to_norm, gan_to_uint8,
+from madan.util import (SOURCES_HELP, ResizeShort, average_gradients, fill_defaults, gan_to_norm, gan_to_uint8,
                         norm_to_gan, save_grid, sources_of, split_list)
 
-# Defaults. PAPER: the official multi-source script (batch 4, scale width 500 + crop 400, ResNet-9-block
+# Defaults. PAPER: the official multi-source script (batch 4, short side 500 + random crop 400x400, ResNet-9-block
 # ngf 64, PatchGAN ndf 64, Adam 2e-4 (0.5, 0.999), DSC weight 10 x 20, SAD after epoch 5, CCD weight 0.2
-# after epoch 10, 40 epochs: lr constant for 20 then linearly decayed over 20). TOY: a CPU-sized
-# CycleGAN (ngf 8, 3 blocks, ndf 16, batch 1 at 64x128, 4 "epochs" of 200 iterations; SAD after 1, CCD
-# after 2: the paper's order, scaled). 800 iterations is far from converged (see README: 160 and 400 were worse).
+# after epoch 10, 40 epochs (--max_epoch 40) with CycleGAN's niter 100 / niter_decay 100: the lr stays constant).
+# TOY: a CPU-sized CycleGAN (ngf 8, 3 blocks, ndf 16, batch 1 at 64x128, 4 "epochs" of 200 iterations; SAD after
+# 1, CCD after 2: the paper's order, scaled). 800 iterations is far from converged (see README: 160 and 400 were worse).
 PAPER = dict(batch_size=4, lr=2e-4, ngf=64, ndf=64, n_blocks=9, load_size=500, fine_size=(400, 400),
-             max_epoch=40, niter=20, niter_decay=20, epoch_iters=None, sad_frozen_epoch=5, ccd_frozen_epoch=10,
+             max_epoch=40, niter=100, niter_decay=100, epoch_iters=None, sad_frozen_epoch=5, ccd_frozen_epoch=10,
              save_every=2000, classifiers=None, out="runs/madan/translation")
 TOY = dict(batch_size=1, lr=2e-4, ngf=8, ndf=16, n_blocks=3, load_size=None, fine_size=(64, 128),
            max_epoch=4, niter=2, niter_decay=2, epoch_iters=200, sad_frozen_epoch=1, ccd_frozen_epoch=2,
@@ -76,8 +76,9 @@ def parse_args(argv=None):
     g.add_argument("--n-layers-d", type=int, default=3, help="PatchGAN depth (upstream --n_layers_D)")
     g.add_argument("--no-dropout", action="store_true", help="no dropout in G's blocks (upstream --no_dropout; "
                    "the official script keeps dropout)")
-    g.add_argument("--load-size", type=int, default=None, help="scale images to this width (upstream --loadSize); "
-                   "toy: resize to --fine-size")
+    g.add_argument("--load-size", type=int, default=None, help="resize the SHORT side to this, keeping the aspect "
+                   "ratio (upstream --loadSize with scale_width_and_crop = transforms.Resize(int)); toy: resize "
+                   "to --fine-size")
     g.add_argument("--fine-size", type=cli.hw, default=None, help="then random-crop H,W (upstream --fineSize)")
     g.add_argument("--no-flip", type=int, default=1, choices=[0, 1], help="no random flip (upstream --no_flip, "
                    "passed by the official script)")
@@ -122,6 +123,16 @@ def parse_args(argv=None):
     return args
 
 
+def translation_aug(args):
+    """Training transform: short side --load-size then a random --fine-size crop (never padded: the short
+    side is >= the crop), optional flip; toy: resize to --fine-size."""
+    aug = [ResizeShort(args.load_size), RandomCrop(args.fine_size)] if args.load_size else [Resize(args.fine_size)]
+    if args.load_size and min(args.fine_size) > args.load_size:
+        raise SystemExit(f"--fine-size {args.fine_size} is larger than --load-size {args.load_size}: "
+                         "the crop would be padded")
+    return Compose(aug + ([] if args.no_flip else [RandomHFlip()]))
+
+
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -134,15 +145,14 @@ def main(args):
     sources = sources_of(args)
     n = len(sources)
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
-    aug = ([ScaleWidth(args.load_size), RandomCrop(args.fine_size)] if args.load_size else [Resize(args.fine_size)])
-    aug += [] if args.no_flip else [RandomHFlip()]
-    sets = [train_set(name, root, 19 if kind != "crosscity" else 13, "imagenet", Compose(aug), with_labels=False)
+    aug = translation_aug(args)
+    sets = [train_set(name, root, 19 if kind != "crosscity" else 13, "imagenet", aug, with_labels=False)
             for name, kind, root in sources]
-    target = train_set(tgt, tgt_root, 19 if tgt_kind != "crosscity" else 13, "imagenet", Compose(aug),
+    target = train_set(tgt, tgt_root, 19 if tgt_kind != "crosscity" else 13, "imagenet", aug,
                        with_labels=False)
     epoch_iters = args.epoch_iters or max(len(s) for s in sets + [target]) // (args.batch_size * world)
     total = args.max_epoch * epoch_iters
-    stop = min(args.stop_iter or total, total)
+    stop = cli.clamp_stop(args, total, "--max-epoch x epoch iterations").stop_iter or total
 
     # ---- model -----------------------------------------------------------------------------------
     gcfg = {"sources": [s[0] for s in sources], "target": tgt, "ngf": args.ngf, "n_blocks": args.n_blocks,
@@ -312,4 +322,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

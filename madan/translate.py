@@ -1,8 +1,10 @@
-"""Translate every labelled source to the target style with its trained generator G_i
+r"""Translate every labelled source to the target style with its trained generator G_i
 (train_translation.py) and write it as a dataset in THAT SOURCE'S REAL ON-DISK FORMAT, so that the common
 readers load it like the original: a GTA5-style source stays images/ + labels/ (+ lists/), a SYNTHIA-style
 source stays RGB/ + GT/LABELS/ with its 16-bit label PNGs copied byte for byte. Labels are not touched:
-each image is translated at the generator's working size and resized back to its label's size.
+each image is translated at FULL resolution when the generator was trained on real data (upstream's test
+scripts pass --resize_or_crop None: no resize at all; test_templates_cycle.sh:9), at the toy training size on
+the toy domains, and written at its label's size.
 Upstream: cyclegan/test.py + scripts/CycleGAN/test_templates_cycle.sh (the "source as target" dataset).
 Also writes OUT/grid.png: source | translated | target, a few rows per source.
 
@@ -44,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--source-root", default=None, help="comma-separated dataset roots (toy: generated cache)")
     p.add_argument("--target", default=None, help="target domain, for the grid only (default: the checkpoint's)")
     p.add_argument("--target-root", default=None, help="dataset root of --target")
-    p.add_argument("--size", default=None, help="working size H,W of the generator (default: the checkpoint's "
-                   "training size; with --load-size training, the width scaled to it)")
+    p.add_argument("--size", default=None, help="working size H,W of the generator (default: full resolution "
+                   "for a real-data checkpoint, as upstream's --resize_or_crop None; the training size for a toy one)")
     p.add_argument("--grid", type=int, default=4, help="rows per source in OUT/grid.png")
     p.add_argument("--limit", type=int, default=None, help="translate only the first N images (smoke tests)")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
@@ -58,9 +60,8 @@ def work_size(img, cfg, size_arg):
     if size_arg:
         h, w = (int(v) for v in size_arg.replace("x", ",").split(","))
         return h, w
-    if cfg.get("load_size"):  # upstream scale_width: keep the aspect ratio, width = loadSize
-        w = cfg["load_size"]
-        return max(4, round(img.height * w / img.width)), w
+    if cfg.get("load_size"):  # real-data preset: upstream translates at full resolution (--resize_or_crop None)
+        return img.height, img.width
     return tuple(cfg["fine_size"])
 
 
@@ -97,7 +98,8 @@ def main(args):
         for k, (img_path, lbl_path) in enumerate(files):
             img = read_image(img_path)
             h, w = work_size(img, cfg, args.size)
-            x = norm_to_gan(to_tensor(img.resize((w, h), Image.BICUBIC), "imagenet")[None].to(device), "imagenet")
+            work = img if (w, h) == img.size else img.resize((w, h), Image.BICUBIC)
+            x = norm_to_gan(to_tensor(work, "imagenet")[None].to(device), "imagenet")
             with rt.autocast(device, amp):
                 y = G(x)
             fake = Image.fromarray(gan_to_uint8(y[0])).resize(img.size, Image.BICUBIC)
@@ -126,4 +128,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

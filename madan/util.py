@@ -31,13 +31,16 @@ def sources_of(args):
 
 def fill_defaults(args, toy, paper):
     """The toy preset when every source and the target are toy domains, else the paper's; then the
-    label space: 16 classes when a SYNTHIA(-style) source is involved (MADAN's protocol), else 19."""
+    label space. Real data: 19 classes, as upstream trains every model (num_cls 19 in all its scripts) and
+    reports the 16 common classes' IoUs / 16 (scripts/eval_fcn.py:118-131; test.py --protocol madan).
+    Toy: 16 classes when a SYNTHIA-style source is involved (SYNTHIA's 16-class protocol), else 19."""
     names = split_list(args.source) + [args.target]
-    table = toy if all(str(n).startswith("toy") for n in names) else paper
+    is_toy = all(str(n).startswith("toy") for n in names)
+    table = toy if is_toy else paper
     cli.fill_defaults(args, table, table)
     if args.num_classes is None:
         kinds = [DOMAINS.get(n if n != "toy" else "toy_gta5", ("",))[0] for n in split_list(args.source)]
-        args.num_classes = 13 if "crosscity" in str(args.target) else 16 if "synthia" in kinds else 19
+        args.num_classes = 13 if "crosscity" in str(args.target) else 16 if (is_toy and "synthia" in kinds) else 19
     return table is toy
 
 
@@ -66,19 +69,26 @@ def gan_to_uint8(x):
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
-class ScaleWidth:
-    """Resize so that the width is `width`, keeping the aspect ratio (CycleGAN's scale_width)."""
+class ResizeShort:
+    """Resize so that the SHORT side is `size`, keeping the aspect ratio (bicubic image, nearest label):
+    upstream's 'scale_width_and_crop' is `transforms.Resize(loadSize)` with an int, which torchvision
+    applies to the short side (cyclegan/data/base_dataset.py:33-35). GTA5 1914x1052 -> 910x500,
+    SYNTHIA 1280x760 -> 842x500, Cityscapes 2048x1024 -> 1000x500: a 400x400 crop never needs padding."""
 
-    def __init__(self, width):
-        self.width = width
+    def __init__(self, size):
+        self.size = size
 
     def __call__(self, img, lbl, rng):
-        h = max(1, round(img.height * self.width / img.width))
-        img = img.resize((self.width, h), Image.BICUBIC)
-        return img, (lbl.resize((self.width, h), Image.NEAREST) if lbl is not None else None)
+        w, h = img.size
+        if w <= h:
+            nw, nh = self.size, int(self.size * h / w)
+        else:
+            nw, nh = int(self.size * w / h), self.size
+        img = img.resize((nw, nh), Image.BICUBIC)
+        return img, (lbl.resize((nw, nh), Image.NEAREST) if lbl is not None else None)
 
     def __repr__(self):
-        return f"ScaleWidth({self.width})"
+        return f"ResizeShort({self.size})"
 
 
 def save_grid(rows, path, height=96, titles=None):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from common.datasets import read_image
-from common.transforms import ColorJitter, GaussianBlur, to_tensor
+from common.transforms import ColorJitter, GaussianBlur, RandomCrop, to_tensor
 
 
 class Pool(torch.utils.data.Dataset):
@@ -80,6 +80,42 @@ class UnlabeledViews(torch.utils.data.Dataset):
                 out[k] = to_tensor(s, self.norm)
                 out["box" + k[1]] = cutmix_box(img.height, img.width, rng)
         return out
+
+
+class LongSideScaleCrop:
+    """SS-ADA's geometric training transform (dataset/transform.py:92-105 resize, :38-52 crop_h_w): the
+    long side of the image is scaled to U(lo, hi) x its own size (aspect kept; `base_hw` replaces the
+    image's own size when given: the toy preset), then a random (h, w) crop, padded (image 0, label 255)."""
+
+    def __init__(self, crop_hw, scale=(0.5, 2.0), base_hw=None):
+        self.crop_hw, self.scale, self.base_hw = tuple(crop_hw), tuple(scale), base_hw
+
+    def __call__(self, img, lbl, rng):
+        h0, w0 = self.base_hw or (img.height, img.width)
+        s = rng.uniform(*self.scale)
+        h, w = max(1, int(h0 * s + 0.5)), max(1, int(w0 * s + 0.5))
+        img = img.resize((w, h), Image.BILINEAR)
+        lbl = lbl.resize((w, h), Image.NEAREST) if lbl is not None else None
+        return RandomCrop(self.crop_hw)(img, lbl, rng)
+
+    def __repr__(self):
+        return f"LongSideScaleCrop(crop={self.crop_hw}, scale={self.scale}, base={self.base_hw or 'image'})"
+
+
+class ScaleChoice:
+    """TUFL's RandomScale (datasets/transform.py:48-60): one factor drawn from a list, both sides scaled."""
+
+    def __init__(self, scales=(0.75, 1.0, 1.25, 1.5)):
+        self.scales = tuple(scales)
+
+    def __call__(self, img, lbl, rng):
+        s = self.scales[int(rng.integers(len(self.scales)))]
+        w, h = int(img.width * s), int(img.height * s)
+        img = img.resize((w, h), Image.BILINEAR)
+        return img, (lbl.resize((w, h), Image.NEAREST) if lbl is not None else None)
+
+    def __repr__(self):
+        return f"ScaleChoice{self.scales}"
 
 
 def split_partner(batch):

@@ -10,9 +10,14 @@ SS-ADA
   by the number of valid (non-padding) pixels.
 - confidence_mask:    conf >= conf_thresh, or with class thresholds conf >= IoU_{y} * ratio.
 TUFL
-- unsup_focal_loss:   per pixel  sum_c p_c (log p_c - d^gamma log q_c) + H(p),  p = softmax of the
-  reference view (detached in the first term), q = softmax of the other view, y = argmax p,
-  d = |p_y - q_y|; averaged over pixels with max p > tau_y (fixed tau, or the adaptive thresholds).
+- unsup_focal_loss:   per pixel  sum_c w_c [p_c (log p_c - d^gamma log q_c) - p_c log p_c],  p = softmax
+  of the reference view (detached in the first term), q = softmax of the other view, y = argmax p,
+  d = |p_y - q_y| (focal_type 2, UnsupFocalLoss' default) or d = 1 - q_y (focal_type 1,
+  AdaptUnsupFocalLoss' default); w = the class weights (upstream passes CityScapes_13 'middle');
+  averaged over pixels with max p > tau_y (fixed tau, or the adaptive thresholds).
+- regular_ce:         TUFL's supervised RegularCrossLoss: per-pixel weighted CE (w_y CE, 0 on ignored
+  pixels) averaged over ALL pixels (torch.mean of reduction='none'), not over the weight sum.
+- TUFL_CLASS_WEIGHTS: utils/class_freqency.py CLASS_WEIGHT['CityScapes_13'] (small / middle / large).
 - AdaptiveThresholds: TUFL's per-class thresholds: tau_c <- a tau_c + (1 - a) t_c, t_c the confidence
   ranked int(n_c * b * tau_c^d) among the n_c pixels predicted c (plus tau_c itself), capped at 0.999.
 """
@@ -20,7 +25,19 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = 255
-LOG_EPS = 1e-8  # TUFL's LOG_EPSILON inside log(p + eps)
+LOG_EPS = 1e-30  # TUFL's LOG_EPSILON inside log(p + eps) (utils/loss.py:9); representable in fp32
+MIN_EPS = 1e-8  # TUFL's MIN_EPSILON: per-pixel losses are clamped to it before the mean (utils/loss.py:8)
+
+# TUFL utils/class_freqency.py:13-17, CLASS_WEIGHT['CityScapes_13']: Cityscapes class-frequency weights of
+# the 13 CrossCity classes; 'middle' (the --weight_mode default) doubles rider, motorcycle and bicycle.
+_CS13 = [2.6236585428325134, 5.596123620428783, 3.918986130314213, 10.292995513112313, 10.343530727799257,
+         5.859243792328049, 4.42640250175862, 10.075834629387431, 10.233756744980246, 8.130727555462036,
+         8.797173220027153, 10.283695381014079, 10.153521817539493]
+TUFL_CLASS_WEIGHTS = {
+    "small": list(_CS13),
+    "middle": [w * (2 if c in (8, 11, 12) else 1) for c, w in enumerate(_CS13)],
+    "large": [w * {8: 2 * 1.2, 11: 2 * 1.5, 12: 2 * 1.2}.get(c, 1) for c, w in enumerate(_CS13)],
+}
 
 
 def iou_class_weights(iou, upper=2.0):
@@ -67,17 +84,29 @@ def unlabeled_ce(logits, pseudo, mask, ignore_mask):
     return (loss * (mask & valid)).sum() / valid.sum().clamp(min=1)
 
 
-def unsup_focal_loss(logits_ref, logits_other, gamma=2.0, thresh=None):
+def regular_ce(logits, label, weight=None):
+    """TUFL's RegularCrossLoss (utils/loss.py:39-53): mean over all pixels of w_y * CE (ignored pixels
+    count as 0 in the mean)."""
+    w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32, device=logits.device)
+    return F.cross_entropy(logits.float(), label, weight=w, ignore_index=IGNORE, reduction="none").mean()
+
+
+def unsup_focal_loss(logits_ref, logits_other, gamma=2.0, thresh=None, focal_type=2, weight=None):
     """TUFL's unsupervised focal loss. thresh: None (all pixels), a float tau, or a (C,) tensor of
-    per-class thresholds indexed by the reference prediction. Returns (loss, kept fraction)."""
+    per-class thresholds indexed by the reference prediction. focal_type 2: d = |p_y - q_y|; 1:
+    d = 1 - q_y. weight: optional (C,) class weights on every class term. Returns (loss, kept fraction)."""
     p = F.softmax(logits_ref.float(), 1)
     q = F.softmax(logits_other.float(), 1)
     pd = p.detach()
     conf, y = pd.max(1)
-    d = (pd.gather(1, y.unsqueeze(1)) - q.gather(1, y.unsqueeze(1))).abs()  # |p_y - q_y|, (B,1,H,W)
+    q_y = q.gather(1, y.unsqueeze(1))
+    d = (pd.gather(1, y.unsqueeze(1)) - q_y).abs() if focal_type == 2 else (1 - q_y).abs()  # (B,1,H,W)
     kl = pd * (torch.log(pd + LOG_EPS) - d.pow(gamma) * torch.log(q + LOG_EPS))
     ent = -p * torch.log(p + LOG_EPS)
-    loss = (kl + ent).sum(1)
+    loss = kl + ent
+    if weight is not None:
+        loss = loss * torch.as_tensor(weight, dtype=loss.dtype, device=loss.device).view(1, -1, 1, 1)
+    loss = loss.sum(1)
     if thresh is None:
         keep = torch.ones_like(conf, dtype=torch.bool)
     elif torch.is_tensor(thresh):
@@ -87,7 +116,7 @@ def unsup_focal_loss(logits_ref, logits_other, gamma=2.0, thresh=None):
     frac = float(keep.float().mean())
     if not keep.any():
         return loss.sum() * 0, frac
-    return loss[keep].clamp(min=1e-8).mean(), frac
+    return loss[keep].clamp(min=MIN_EPS).mean(), frac
 
 
 class AdaptiveThresholds:

@@ -1,4 +1,4 @@
-"""Evaluate SS-ADA / TUFL checkpoints (BiSeNetV1, or any segda segmenter) on the target: mIoU (13-class
+r"""Evaluate SS-ADA / TUFL checkpoints (BiSeNetV1, or any segda segmenter) on the target: mIoU (13-class
 for CrossCity), the per-class IoU table, colour-coded predictions. Two modes, as upstream's
 evaluate_single_gpu: 'whole' (the image at the evaluation size in one pass) and 'sliding' (windows of
 --crop-size H,W with stride 2/3 of the window, softmax probabilities summed; the last window of a row or
@@ -12,13 +12,17 @@ The held-out toy test split (what the benchmark reports), sliding window:
     python ssada/test.py --checkpoint runs/ssada/ssada/model.pth --split test --mode sliding --crop-size 48,64
 TUFL on the toy CrossCity-style target (13 classes):
     python ssada/test.py --checkpoint runs/ssada/tufl/model.pth --target toy_crosscity
-Cityscapes val, sliding 512x1024 windows on the full-resolution image:
+Cityscapes val as SS-ADA validates (full resolution, 640x640 windows, stride 2/3):
     python ssada/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes \
-        --mode sliding --crop-size 512,1024 --eval-size 1024,2048
+        --mode sliding --crop-size 640,640 --eval-size full
+CrossCity test as TUFL evaluates (utils/evaluate.py: full resolution, 647x647 windows, stride 5/6):
+    python ssada/test.py --checkpoint model.pth --target crosscity --target-root /data/NTHU_Datasets \
+        --city Rome --mode sliding --crop-size 647,647 --eval-size full --stride-rate 0.8333333
 torchrun (the evaluation is sharded and the confusion matrix all-reduced):
     torchrun --nproc_per_node=2 ssada/test.py
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/s
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from common import cli, labels as L, runtime as rt
+from common import cli, runtime as rt
 from common.bisenet import any_segmenter_from_checkpoint
 from common.datasets import CITY_GROUPS, DOMAINS, build_dataset, eval_loader, resolve_domain
-from common.evaluate import evaluate
+from common.evaluate import PredictionOutputs, evaluate
 from common.metrics import ConfusionMatrix, format_table
 from common.transforms import Compose, Resize
 
@@ -46,14 +49,26 @@ def parse_args(argv=None):
     p.add_argument("--city", default="Rome", help="CrossCity city (Rome | Rio | Taipei | Tokyo)")
     p.add_argument("--mode", default="whole", choices=["whole", "sliding"], help="whole image or sliding window")
     p.add_argument("--crop-size", type=cli.hw, default=None, help="sliding window H,W (default: half the eval size)")
-    p.add_argument("--eval-size", type=cli.hw, default=None, help="input size H,W (default: the domain's)")
-    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions")
+    p.add_argument("--eval-size", type=size_or_full, default=None, help="input size H,W (default: the domain's; "
+                   "'full' = the images' own size, as both upstreams evaluate)")
+    p.add_argument("--stride-rate", type=float, default=2 / 3,
+                   help="sliding-window stride as a fraction of the window (SS-ADA 2/3, TUFL 5/6)")
+    p.add_argument("--save-predictions", type=int, default=8, help="colour PNGs of the first N predictions "
+                   "and predictions/grid.png (input | ground truth | prediction | errors of the first 4, legend)")
+    p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
+                   "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
+                   "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="where to write final.json, iou_table.md, predictions/ "
                    "(default: CHECKPOINT's folder/eval_SPLIT)")
     return p.parse_args(argv)
+
+
+def size_or_full(text):
+    """'H,W' or 'full' (no resize)."""
+    return "full" if text == "full" else cli.hw(text)
 
 
 def windows(size, win, stride):
@@ -66,15 +81,17 @@ def windows(size, win, stride):
 
 
 @torch.no_grad()
-def sliding_logits(model, x, crop_hw, num_classes, amp=None):
-    """Sum of softmax probabilities of the main head over sliding windows, stride 2/3 of the window
-    (upstream), divided by the number of windows covering each pixel. Returns (B, C, H, W) probabilities."""
+def sliding_logits(model, x, crop_hw, num_classes, amp=None, stride_rate=2 / 3):
+    """Sum of softmax probabilities of the main head over sliding windows, stride `stride_rate` of the
+    window (SS-ADA int(grid * 2/3); TUFL ceil(crop * 5/6)), divided by the number of windows covering
+    each pixel. Returns (B, C, H, W) probabilities."""
     b, _, h, w = x.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
     total = torch.zeros(b, num_classes, h, w, device=x.device)
     count = torch.zeros(1, 1, h, w, device=x.device)
-    for r in windows(h, ch, max(1, int(ch * 2 / 3))):
-        for c in windows(w, cw, max(1, int(cw * 2 / 3))):
+    step = (lambda n: math.ceil(n * stride_rate)) if stride_rate > 2 / 3 else (lambda n: int(n * stride_rate))
+    for r in windows(h, ch, max(1, step(ch))):
+        for c in windows(w, cw, max(1, step(cw))):
             with rt.autocast(x.device, amp):
                 out = model(x[:, :, r:r + ch, c:c + cw])["out"]
             total[:, :, r:r + ch, c:c + cw] += F.interpolate(out.float(), size=(ch, cw), mode="bilinear",
@@ -85,23 +102,19 @@ def sliding_logits(model, x, crop_hw, num_classes, amp=None):
 
 @torch.no_grad()
 def evaluate_sliding(model, dataset, num_classes, crop_hw, device, amp=None, save_dir=None, n_save=8,
-                     rank=0, world_size=1, workers=2):
+                     rank=0, world_size=1, workers=2, stride_rate=2 / 3, label_id_dir=None):
     was = model.training
     model.eval()
     conf = ConfusionMatrix(num_classes, device)
-    if save_dir is not None and rank == 0:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-    saved = 0
+    outs = PredictionOutputs(dataset, num_classes, save_dir, n_save, label_id_dir, rank=rank, world_size=world_size)
     for batch in eval_loader(dataset, 1, workers, rank, world_size):
         x = rt.to_device(batch["image"], device, amp)
         y = batch["label"].to(device)
-        prob = sliding_logits(model, x, crop_hw, num_classes, amp)
+        prob = sliding_logits(model, x, crop_hw, num_classes, amp, stride_rate)
         pred = F.interpolate(prob, size=y.shape[-2:], mode="bilinear", align_corners=True).argmax(1)
         conf.update(pred, y)
-        if save_dir is not None and rank == 0 and saved < n_save:
-            Image.fromarray(L.colorize(pred[0].cpu().numpy(), num_classes)).save(
-                Path(save_dir) / f"{Path(batch['name'][0]).stem}_pred.png")
-            saved += 1
+        outs.add(batch, pred, y)  # colour PNGs, grid.png, label-id PNGs (common.evaluate)
+    outs.close()
     model.train(was)
     return (conf.all_reduce() if world_size > 1 else conf).summary()
 
@@ -113,8 +126,10 @@ def main(args):
     model = model.to(device, memory_format=rt.memory_format(amp)).eval()
     tgt, kind, root = resolve_domain(args.target, args.target_root, "target")
     split = args.split or DOMAINS[tgt][2]
-    size = args.eval_size or DOMAINS[tgt][4]  # images resized to it; labels kept at full resolution
-    data = build_dataset(kind, root, split, cfg["num_classes"], Compose([Resize(size, resize_label=False)]),
+    size = args.eval_size or DOMAINS[tgt][4]  # images resized to it ('full': not resized); labels kept at full resolution
+    tf = None if size == "full" else Compose([Resize(size, resize_label=False)])
+    size = DOMAINS[tgt][4] if size == "full" else size
+    data = build_dataset(kind, root, split, cfg["num_classes"], tf,
                          cfg["norm"], cities=CITY_GROUPS.get(tgt), city=args.city)
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{split}")
     if rank == 0:
@@ -125,10 +140,10 @@ def main(args):
     save = out / "predictions" if args.save_predictions else None
     if args.mode == "whole":
         res = evaluate(model, data, cfg["num_classes"], device, amp, save_dir=save, n_save=args.save_predictions,
-                       rank=rank, world_size=world, workers=args.workers)
+                       rank=rank, world_size=world, workers=args.workers, label_id_dir=args.save_label_ids)
     else:
         res = evaluate_sliding(model, data, cfg["num_classes"], crop, device, amp, save, args.save_predictions,
-                               rank, world, args.workers)
+                               rank, world, args.workers, args.stride_rate, args.save_label_ids)
     report = {"checkpoint": str(args.checkpoint), "target": tgt, "split": split, "mode": args.mode,
               "crop_size": list(crop) if args.mode == "sliding" else None, "last": res, "mIoU": res["mIoU"],
               "images": len(data), "seconds": round(time.time() - t0, 1)}
@@ -141,4 +156,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

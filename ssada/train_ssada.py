@@ -1,4 +1,4 @@
-"""SS-ADA (Yan et al., T-ITS 2024): semi-supervised active domain adaptation. Source and target are
+r"""SS-ADA (Yan et al., T-ITS 2024): semi-supervised active domain adaptation. Source and target are
 trained jointly from the start; at the configured epochs an image-level active round labels more
 target images; the unlabeled rest is used with UniMatch's weak-to-strong consistency; the supervised
 losses are OHEM CE with IoU-based class weights (ss_ada_bisenetv1_single.py, util/active_sample.py).
@@ -15,7 +15,7 @@ Budgets and strategies (the benchmark's rows), oracle (100% target labels), sour
     python ssada/train_ssada.py --total-ratio 0.25 --strategy random --out runs/ssada/random25
     python ssada/train_ssada.py --init-ratio 1 --total-ratio 1 --out runs/ssada/oracle
     python ssada/train_ssada.py --source-only --out runs/ssada/source
-GTA5 -> Cityscapes, BiSeNetV1-R18 (ImageNet weights), 200 epochs, rounds at 20/40/60:
+GTA5 -> Cityscapes, BiSeNetV1-R18 (ImageNet weights), 200 epochs, rounds at 20/40/60 (25% of the images):
     python ssada/train_ssada.py --source gta5 --source-root /data/GTA5 --target cityscapes \
         --target-root /data/cityscapes --init /weights/resnet18-f37072fd.pth --total-ratio 0.25
 Several processes:
@@ -33,24 +33,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import cli, labels as L, runtime as rt
+from common import cli, labels as L, pictures as P, runtime as rt
 from common.bisenet import make_bisenet
-from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_loader, eval_set, infinite_loader,
+from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_loader, infinite_loader,
                              resolve_domain, train_set)
 from common.evaluate import evaluate, predict_logits
 from common.metrics import ConfusionMatrix, format_table
-from common.transforms import Compose, RandomHFlip, RandomScaleCrop, Resize
+from common.transforms import Compose, RandomHFlip, Resize
 from ssada.active import STRATEGIES, budget_plan, class_pixel_counts, epoch_plan, image_scores, select, write_round
-from ssada.data import Pool, UnlabeledViews, split_partner
+from ssada.data import LongSideScaleCrop, Pool, UnlabeledViews, split_partner
 from ssada.losses import confidence_mask, iou_class_weights, unlabeled_ce, warmup_poly_lr, weighted_ohem_ce
+from ssada.test import evaluate_sliding
 
 # Defaults. PAPER: configs/*_acda_bisenetv1_single.yaml (SGD 0.05, momentum 0.9, wd 1e-4, heads 10x,
 # 1000-iter linear warm-up + poly 0.9, batch 4, 200 epochs, rounds at epochs 20/40/60, init 1% of the
-# target images, OHEM 0.7 / 200000). TOY: BiSeNetV1-R18 from scratch, batch 2, 5 short epochs of 40 iters.
+# target images, OHEM 0.7 / 200000); crops 640x640 (configs/cityscapes_bisenetv1.yaml) after scaling the
+# long side by U(0.5, 2) of the image's own size; validation and active-round inference at full resolution,
+# validation with 640x640 sliding windows (stride 2/3). Recipe table with file:line: ssada/README.md.
+# TOY: BiSeNetV1-R18 from scratch, batch 2, 5 short epochs of 40 iters, toy sizes, whole-image evaluation.
 PAPER = dict(init=None, batch_size=4, lr=0.05, epochs=200, sample_epochs=[20, 40, 60], epoch_iters=None,
-             warmup=1000, min_kept=200000, save_every=2000, out="runs/ssada/ssada")
+             warmup=1000, min_kept=200000, save_every=2000, out="runs/ssada/ssada", crop_size=(640, 640),
+             full_res=1, eval_mode="sliding", total_ratio=0.5)
 TOY = dict(init="scratch", batch_size=2, lr=0.02, epochs=5, sample_epochs=[1, 2, 3], epoch_iters=40,
-           warmup=20, min_kept=2000, save_every=40, out="runs/ssada/ssada")
+           warmup=20, min_kept=2000, save_every=40, out="runs/ssada/ssada", full_res=0, eval_mode="whole",
+           total_ratio=0.05)
 
 
 def parse_args(argv=None):
@@ -59,7 +65,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (SS-ADA)")
     g.add_argument("--strategy", default="entropy_iou", choices=STRATEGIES, help="acquisition criterion")
     g.add_argument("--init-ratio", type=float, default=0.01, help="fraction of target images labeled at start")
-    g.add_argument("--total-ratio", type=float, default=0.05, help="fraction labeled after the last round")
+    g.add_argument("--total-ratio", type=float, default=None,
+                   help="fraction labeled after the last round (paper preset 0.5 as the released config; toy 0.05)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs")
     g.add_argument("--sample-epochs", type=int, nargs="*", default=None, help="epochs that start with an active round")
     g.add_argument("--epoch-iters", type=int, default=None,
@@ -77,6 +84,13 @@ def parse_args(argv=None):
     g.add_argument("--static-threshold", action="store_true", help="no (1 - iter/total) decay of the class thresholds")
     g.add_argument("--source-only", action="store_true", help="train on the source only (baseline row)")
     g.add_argument("--max-pool", type=int, default=None, help="use only the first N target images (quick tests)")
+    g.add_argument("--max-val", type=int, default=None, help="validate on the first N images only (quick tests)")
+    g.add_argument("--full-res", type=int, default=None, choices=[0, 1],
+                   help="1 (upstream): scale crops relative to each image's own size, validate and score the pool "
+                   "on full-resolution images; 0 (toy): relative to / resized to the domain's sizes")
+    g.add_argument("--eval-mode", default=None, choices=["sliding", "whole"],
+                   help="validation: sliding windows of --eval-crop, stride 2/3 (upstream on Cityscapes), or whole image")
+    g.add_argument("--eval-crop", type=cli.hw, default=None, help="sliding-window size H,W (default: --crop-size)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--log-every", type=int, default=20, help="log line every N iterations")
@@ -141,14 +155,19 @@ def main(args):
     src, src_kind, src_root = resolve_domain(args.source, args.source_root, "source")
     tgt, tgt_kind, tgt_root = resolve_domain(args.target, args.target_root, "target")
     crop = args.crop_size or DOMAINS[tgt][3]
-    geo = lambda name: Compose([RandomScaleCrop(DOMAINS[name][3], crop, (0.5, 2.0)), RandomHFlip()])
+    # dataset/semi.py:208-217: long side x U(0.5, 2.0) of the image, (h, w) crop padded with ignore, flip 0.5
+    geo = lambda name: Compose([LongSideScaleCrop(crop, (0.5, 2.0), None if args.full_res else DOMAINS[name][3]),
+                                RandomHFlip()])
     source = train_set(src, src_root, args.num_classes, mcfg["norm"], geo(src))
     target_l = train_set(tgt, tgt_root, args.num_classes, mcfg["norm"], geo(tgt))  # the pool, with labels
     target_u = UnlabeledViews([f for f, _ in target_l.files], geo(tgt), mcfg["norm"])
-    pool_eval = build_dataset(tgt_kind, tgt_root, DOMAINS[tgt][1], args.num_classes,  # pool at the eval size
-                              Compose([Resize(DOMAINS[tgt][4], resize_label=False)]), mcfg["norm"],
+    eval_tf = None if args.full_res else Compose([Resize(DOMAINS[tgt][4], resize_label=False)])  # active_sample.py:155-161
+    pool_eval = build_dataset(tgt_kind, tgt_root, DOMAINS[tgt][1], args.num_classes,  # the pool at the eval size
+                              eval_tf, mcfg["norm"],
                               cities=CITY_GROUPS.get(tgt))
-    val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
+    val = build_dataset(tgt_kind, tgt_root, DOMAINS[tgt][2], args.num_classes, eval_tf, mcfg["norm"])
+    if args.max_val:
+        val.files = val.files[:args.max_val]
     if args.max_pool:
         target_l.files, pool_eval.files = target_l.files[:args.max_pool], pool_eval.files[:args.max_pool]
         target_u.files = target_u.files[:args.max_pool]
@@ -167,6 +186,7 @@ def main(args):
     scaler = rt.grad_scaler(device, amp)
     start, best = 0, {"mIoU": -1.0}
     rounds_done, class_iou, weight = 0, torch.zeros(args.num_classes), None
+    ref_counts = None  # the pool's ground-truth class counts, read once for the selection pictures
     labeled = [] if args.source_only else \
         sorted(np.random.default_rng([args.seed, 7]).choice(n_pool, init_n, replace=False).tolist())
     if args.resume and (out / "checkpoint.pth").exists():
@@ -230,6 +250,10 @@ def main(args):
                                        "class_weights": None if weight is None else weight.tolist()},
                     "iou_table.md": format_table(iou_sum)})
                 save_selected_pictures(rt.unwrap(model), pool_eval, picked[:8], folder / "selected", device, amp, args)
+                crit = args.strategy if picked and args.strategy in scores[picked[0]] else "entropy_iou"
+                ref_counts = P.selection_pictures(  # selection.png (images, scores), selection_classes.png
+                    pool_eval, picked, folder / "selection.png", f"SS-ADA round {rounds_done}: {len(picked)} "
+                    f"images by {args.strategy}", [f"{crit} {scores[i][crit]:.4f}" for i in picked], reference=ref_counts)
             log.log({"iter": it, "event": "active_round", "round": rounds_done, "selected": len(picked),
                      "labeled": len(labeled), "labeled_ratio": len(labeled) / n_pool})
             lab_batches, unl_batches = target_loaders(it)
@@ -309,12 +333,15 @@ def main(args):
         last = it + 1 == args.stop_iter
         if ((it + 1) % args.eval_every == 0 if args.eval_every else (it + 1) in epoch_ends) or last:
             state = rt.rng_state()  # evaluation must not move the training RNG (exact resume; its loader draws a seed)
-            res = evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
+            res = evaluate_sliding(rt.unwrap(model), val, args.num_classes, args.eval_crop or crop, device, amp,
+                                   out / "predictions" if last else None, 8, rank, world, args.workers) \
+                if args.eval_mode == "sliding" else \
+                evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
                            workers=args.workers, save_dir=out / "predictions" if last else None)
             rt.set_rng_state(state)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
-                if rank == 0:
+                if rank == 0 and args.keep_snapshots:
                     rt.save_checkpoint(out / "best_model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
             log.log({"iter": it + 1, "val_mIoU": res["mIoU"], "best_mIoU": best["mIoU"]})
         if (it + 1) % args.save_every == 0 or (it + 1) in epoch_ends or last:
@@ -362,4 +389,4 @@ def save_selected_pictures(model, pool_ds, ids, folder, device, amp, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

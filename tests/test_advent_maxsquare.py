@@ -214,7 +214,7 @@ def advent_run(tmp_path_factory, tiny):
     test, and the checkpoint the other scripts start from."""
     out = tmp_path_factory.mktemp("advent") / "a"
     p = run_script("advent_maxsquare/train_advent.py", *tiny, *TINY, "--init-from", "scratch", "--multi", "1",
-                   "--out", out)
+                   "--keep-snapshots", "--out", out)
     assert "[done]" in p.stdout
     return out
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import EXACT, ROOT, run_script, run_torchrun
+from conftest import EXACT, ROOT, run_script, run_torchrun, real_smoke
 from d2ada import regions as R, selection as S
 
 
@@ -107,6 +107,37 @@ def test_budget_overshoots_by_less_than_one_region():
             assert used - int(pixels[got[-1]]) < budget  # without its last region it was under budget
     chosen, used = S.fill_budget([0, 1, 2], pixels, 0)
     assert chosen == [] and used == 0  # a budget <= 0 selects nothing (upstream selects one region)
+
+
+def test_density_pca_ablation_and_per_class_counts():
+    """--density-pca (ours): the density scores are those of mixtures fitted directly on a PCA projection
+    (fitted on source + target features); the round's info holds N_S, N_T and the mixture size per class."""
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+    rng = np.random.default_rng(3)
+    n, dim = 260, 12
+    trg = {"feat": rng.standard_normal((n, dim)), "prob": rng.dirichlet(np.ones(2), n), "entropy": rng.random(n),
+           "pixels": rng.integers(10, 50, n)}
+    src = {"feat": rng.standard_normal((n + 40, dim)) + 0.5, "prob": rng.dirichlet(np.ones(2), n + 40)}
+    picks, info = S.select_round(trg, src, np.ones(n, bool), 10 ** 9, 1.0, "density", pca=3)
+    pca = PCA(3, random_state=0).fit(np.concatenate([src["feat"], trg["feat"]]))
+    ps, pt = pca.transform(src["feat"]), pca.transform(trg["feat"])
+    sc, tc = src["prob"].argmax(1), trg["prob"].argmax(1)
+    got = {r: score for r, crit, score in picks if crit == "density"}
+    assert info["density_pca"]["dim"] == 3 and 0 < info["density_pca"]["explained_variance"] <= 1
+    for c in (0, 1):
+        k = int(np.clip((tc == c).sum() // 100, 1, 10))
+        gs = GaussianMixture(k, covariance_type="full", random_state=0, max_iter=200).fit(ps[sc == c])
+        gt = GaussianMixture(k, covariance_type="full", random_state=0, max_iter=200).fit(pt[tc == c])
+        idx = np.flatnonzero(tc == c)
+        d = gs.score_samples(pt[idx]) - gt.score_samples(pt[idx])
+        lowest = idx[np.argsort(d)[:200]]
+        assert set(lowest) <= set(got)
+        np.testing.assert_allclose([got[i] for i in lowest], np.sort(d)[:200], rtol=1e-6, atol=1e-6)
+        rec = info["density_classes"][str(c)]
+        assert rec == {"N_S": int((sc == c).sum()), "N_T": int((tc == c).sum()), "components": k}
+    _, info256 = S.select_round(trg, src, np.ones(n, bool), 10 ** 9, 1.0, "density")
+    assert "density_pca" not in info256 and set(info256["density_classes"]) == {"0", "1"}
 
 
 def test_round_robin_terminates_on_adversarial_weights():
@@ -248,13 +279,143 @@ def test_deeplabv2_variant_feature_and_checkpoint(tmp_path):
     from common import runtime as rt
     from d2ada.model import from_checkpoint, make_model
     net, cfg = make_model("deeplabv2", "resnet18", 19)
-    out = net(torch.zeros(1, 3, 32, 64), return_feat=True)
-    assert out["feat"].shape[1] == 256 and out["out"].shape[1] == 19
-    # the classifier is a 1x1 conv on that feature
-    assert torch.allclose(net.classifier(out["feat"]), out["out"], atol=1e-5)
+    x = torch.randn(1, 3, 64, 96)
+    out = net(x, return_feat=True)
+    assert out["feat"].shape == (1, 256, 4, 6) and out["out"].shape == (1, 19, 64, 96)  # OS16, logits at input size
+    # the classifier is a 1x1 conv on that feature, upsampled as upstream (bilinear, align_corners=False)
+    ref = F.interpolate(net.classifier(out["feat"]), size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(ref, out["out"], atol=1e-5)
     rt.save_checkpoint(tmp_path / "m.pth", model=net.state_dict(), config=cfg)
     net2, cfg2 = from_checkpoint(tmp_path / "m.pth")
-    assert cfg2["model"] == "deeplabv2_d2ada"
+    assert cfg2["model"] == "deeplabv2_d2ada" and cfg2["output_stride"] == 16
     net.eval(), net2.eval()
-    x = torch.randn(1, 3, 32, 64)
     assert torch.equal(net(x)["out"], net2(x)["out"])
+
+
+def test_backbone_dilation_equals_torchvision_replace_stride_with_dilation():
+    """VainF's backbone is torchvision's ResNet with replace_stride_with_dilation (first block of a dilated
+    stage keeps the previous dilation, no multi-grid); ours must have the same stride/dilation/padding."""
+    import torchvision
+    from d2ada.model import vainf_resnet
+    for os_, flags in ((16, [False, False, True]), (8, [False, True, True])):
+        a = vainf_resnet("resnet50", os_)
+        b = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=flags)
+        convs_a = [(n, m) for n, m in a.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        convs_b = {n: m for n, m in b.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        assert len(convs_a) == len(convs_b)
+        for n, m in convs_a:
+            assert (m.stride, m.dilation, m.padding) == (convs_b[n].stride, convs_b[n].dilation, convs_b[n].padding), n
+        assert set(a.state_dict()) == set(b.state_dict()) - {"fc.weight", "fc.bias"}  # torchvision weights load
+
+
+def test_deeplabv3plus_is_vainf_head():
+    """One 3x3 decoder conv (304 -> 256, BN, ReLU) whose output is the region feature; low-level projection
+    FIRST in the concatenation; ASPP 1x1 + 6/12/18 + pooling at OS16; upsampling with align_corners=False."""
+    from d2ada.model import DeepLabV3PlusD2ADA
+    torch.manual_seed(0)
+    net = DeepLabV3PlusD2ADA(19, "resnet50").eval()
+    assert [b[0].dilation for b in net.aspp[1:4]] == [(6, 6), (12, 12), (18, 18)]
+    assert net.decoder[0].in_channels == 304 and net.decoder[0].kernel_size == (3, 3)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in net.decoder.modules())
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        out = net(x, return_feat=True)
+        bb = net.backbone
+        h = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+        l1 = bb.layer1(h)
+        l4 = bb.layer4(bb.layer3(bb.layer2(l1)))
+        assert l4.shape[-2:] == (6, 8)  # output stride 16
+        res = [net.aspp[i](l4) for i in range(4)]
+        p = l4.mean((2, 3), keepdim=True)
+        for m in list(net.aspp[4])[1:]:  # 1x1 conv, BN, ReLU on the pooled vector, then a constant map
+            p = m(p)
+        pooled = p.expand(-1, -1, 6, 8)
+        a = net.aspp_project(torch.cat(res + [pooled], 1))
+        a = F.interpolate(a, size=l1.shape[-2:], mode="bilinear", align_corners=False)
+        feat = net.decoder(torch.cat([net.project(l1), a], 1))
+        logits = F.interpolate(net.classifier(feat), size=(96, 128), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["feat"], feat, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["out"], logits, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- paper preset
+def _mem_available_gib():
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return float("inf")
+
+
+@pytest.fixture(scope="module")
+def real_one(real_trees, tmp_path_factory):
+    """One GTA5 image, one Cityscapes train image and one val image of the full-resolution real-format
+    fixture trees (symlinks; superpixels are written into this copy, not into the shared trees)."""
+    root = tmp_path_factory.mktemp("d2ada_real")
+    g = real_trees["gta5"]
+    name = sorted(p.name for p in (g / "images").iterdir())[0]
+    for sub in ("images", "labels"):
+        (root / "gta5" / sub).mkdir(parents=True)
+        (root / "gta5" / sub / name).symlink_to(g / sub / name)
+    c = real_trees["cityscapes"]
+    for split in ("train", "val"):
+        img = sorted((c / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))[0]
+        stem, city = img.name[: -len("_leftImg8bit.png")], img.parent.name
+        lbl = c / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+        for a, sub in ((img, "leftImg8bit"), (lbl, "gtFine")):
+            dst = root / "cityscapes" / sub / split / city / a.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(a)
+    return root
+
+
+@real_smoke
+def test_paper_preset_smoke_on_real_format_trees(real_one, tmp_path):
+    """Every d2ada script with the REAL-DATA preset itself (DeepLabV3+-R101 OS16, 1024x2048, BN frozen, all
+    source images for the densities, density features through the training transform) on full-resolution
+    GTA5 / Cityscapes fixture trees: 40 SLIC regions per image, one UDA warm-up iteration, one selection
+    round and one fine-tuning iteration, one evaluated image, and test.py on the result."""
+    if _mem_available_gib() < 10:
+        pytest.skip(f"needs ~10 GiB of free memory for DeepLabV3+-R101 at 1024x2048 ({_mem_available_gib():.1f} GiB)")
+    import torchvision
+    from d2ada import superpixels
+    from d2ada.model import from_checkpoint
+    g, c = real_one / "gta5", real_one / "cityscapes"
+    for ds, root in (("gta5", g), ("cityscapes", c)):
+        superpixels.main(superpixels.parse_args(["--dataset", ds, "--data-root", str(root)]))
+    for img in list((g / "images").iterdir()) + list((c / "leftImg8bit" / "train").glob("*/*.png")):
+        sp = np.asarray(Image.open(R.superpixel_path(g if img.is_relative_to(g) else c, img)))
+        assert sp.shape == np.asarray(Image.open(img)).shape[:2] and 20 <= sp.max() + 1 <= 80
+    weights = tmp_path / "resnet101-imagenet.pth"  # a torchvision ResNet-101 file (random values)
+    torch.save(torchvision.models.resnet101(weights=None).state_dict(), weights)
+    real = ["--source", "gta5", "--source-root", g, "--target", "cityscapes", "--target-root", c, "--workers", 0]
+    w = tmp_path / "warmup"
+    run_script("d2ada/warmup.py", *real, "--init", weights, "--stop-iter", 1, "--out", w, timeout=1800)
+    cfg = json.loads((w / "config.json").read_text())
+    # the preset itself: only the stop iteration is overridden
+    assert cfg["crop_size"] == [1024, 2048] and cfg["backbone"] == "resnet101" and cfg["freeze_bn"] == 1
+    assert cfg["iters"] == 100000 and cfg["warmup_iters"] == 5000 and cfg["batch_size"] == 1
+    net, mcfg = from_checkpoint(w / "model.pth")
+    assert mcfg["model"] == "deeplabv3plus_d2ada" and mcfg["output_stride"] == 16 and mcfg["backbone"] == "resnet101"
+    a = tmp_path / "ada"
+    p = run_script("d2ada/train_ada.py", *real, "--init-from", w / "model.pth", "--rounds", 1, "--stop-iter", 1,
+                   "--out", a, "--pictures", 1, timeout=1800)
+    final = json.loads((a / "final.json").read_text())
+    assert [h["labeled_percent"] > 0 for h in final["rounds"]] == [False, True]
+    d0 = json.loads((a / "datalist_00.json").read_text())
+    assert len(d0["src_label_im_idx"]) == 1 and d0["labeled_percent"] > 0
+    assert d0["selected"][0]["criterion"] == "density"  # lambda = 1: density first (uncertainty fills the rest)
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["iters"] == 120000 and cfg["source_sample"] == 0 and cfg["density_aug"] == "train"
+    recs = [json.loads(x) for x in (a / "log.jsonl").read_text().splitlines()]
+    dens = [r for r in recs if r.get("event") == "density_classes"]
+    assert len(dens) == 1 and dens[0]["source_images"] == 1 and dens[0]["density_aug"] == "train"
+    assert all({"N_S", "N_T", "components"} <= set(v) for v in dens[0]["classes"].values())
+    assert "density_classes" in p.stdout  # logged every round, on the console too
+    e = tmp_path / "eval"
+    run_script("d2ada/test.py", "--checkpoint", a / "model.pth", "--target", "cityscapes", "--target-root", c,
+               "--workers", 0, "--out", e, timeout=900)
+    res = json.loads((e / "final.json").read_text())
+    assert res["images"] == 1 and 0 <= res["mIoU"] <= 100

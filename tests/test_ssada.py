@@ -119,7 +119,7 @@ def _focal_np(a, b, gamma):
     py = np.take_along_axis(p, y[:, None], 1)
     qy = np.take_along_axis(q, y[:, None], 1)
     d = np.abs(py - qy)
-    per = (p * (np.log(p + 1e-8) - d ** gamma * np.log(q + 1e-8))).sum(1) - (p * np.log(p + 1e-8)).sum(1)
+    per = (p * (np.log(p + 1e-30) - d ** gamma * np.log(q + 1e-30))).sum(1) - (p * np.log(p + 1e-30)).sum(1)
     return per, p.max(1), y
 
 
@@ -368,3 +368,156 @@ def test_train_ssada_under_torchrun_selects_one_labeled_set(tmp_path, tiny, ssad
     lab = (out / "labeled.txt").read_text().split()
     assert len(lab) == 8 == len(set(lab))
     assert len((out / "rounds" / "round_01" / "selected.txt").read_text().split()) == 3
+
+
+# ---------------------------------------------------------------------------------------------- recipe parity (issue 14)
+def _upstream_focal_np(a, b, gamma, focal_type, weight=None):
+    """TUFL utils/loss.py UnsupFocalLoss / AdaptUnsupFocalLoss (:306-361, :401-440), written out: per-class
+    terms p (log p - |sel|^gamma log q) - p log p, times the class weight, summed over classes."""
+    eps = 1e-30
+    p, q = softmax_np(a), softmax_np(b)
+    y = p.argmax(1)
+    onehot = np.eye(p.shape[1])[y].transpose(0, 3, 1, 2)
+    before_minus_after = (p - q) if focal_type == 2 else (np.ones_like(p) - q)
+    sel = (before_minus_after * onehot).sum(1, keepdims=True)
+    per = p * (np.log(p + eps) - np.abs(sel) ** gamma * np.log(q + eps)) - p * np.log(p + eps)
+    if weight is not None:
+        per = per * np.asarray(weight)[None, :, None, None]
+    return np.maximum(per.sum(1), 1e-8), p.max(1), y
+
+
+@pytest.mark.parametrize("focal_type", [1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_type_and_class_weights_match_upstream(focal_type, weighted):
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(2, 4, 5, 6)) * 3, rng.normal(size=(2, 4, 5, 6)) * 3
+    w = rng.uniform(1, 20, size=4) if weighted else None
+    per, conf, _ = _upstream_focal_np(a, b, 2.0, focal_type, w)
+    got, _ = unsup_focal_loss(torch.tensor(a), torch.tensor(b), 2.0, 0.8, focal_type,
+                              None if w is None else torch.tensor(w))
+    assert float(got) == pytest.approx(per[conf > 0.8].mean(), rel=1e-5)
+    if focal_type == 1:  # the two types really differ
+        other, _ = unsup_focal_loss(torch.tensor(a), torch.tensor(b), 2.0, 0.8, 2, None if w is None else torch.tensor(w))
+        assert abs(float(other) - float(got)) > 1e-3
+
+
+def test_log_eps_is_tufl_log_epsilon():
+    from ssada import losses
+    assert losses.LOG_EPS == 1e-30 and losses.MIN_EPS == 1e-8
+    assert torch.log(torch.tensor(0.0) + losses.LOG_EPS).item() == pytest.approx(np.log(1e-30), rel=1e-6)  # fp32
+
+
+def test_regular_ce_is_weighted_ce_over_all_pixels():
+    from ssada.losses import regular_ce
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(2, 13, 3, 4))
+    lab = rng.integers(0, 13, size=(2, 3, 4))
+    lab[0, 0] = 255
+    w = rng.uniform(1, 20, size=13)
+    ce = -np.log(np.take_along_axis(softmax_np(z), np.where(lab == 255, 0, lab)[:, None], 1)[:, 0])
+    per = np.where(lab == 255, 0.0, ce * w[np.where(lab == 255, 0, lab)])
+    got = regular_ce(torch.tensor(z), torch.tensor(lab), torch.tensor(w))
+    assert float(got) == pytest.approx(per.mean(), rel=1e-5)  # divided by ALL pixels, not by the weight sum
+
+
+def test_tufl_class_weight_tables():
+    from common import labels as L
+    from ssada.losses import TUFL_CLASS_WEIGHTS as T
+    names = L.class_names(13)
+    for c, n in enumerate(names):
+        mid = {"rider": 2, "motorcycle": 2, "bicycle": 2}.get(n, 1)
+        large = {"rider": 2.4, "motorcycle": 3.0, "bicycle": 2.4}.get(n, 1)
+        assert T["middle"][c] == pytest.approx(T["small"][c] * mid)
+        assert T["large"][c] == pytest.approx(T["small"][c] * large)
+    assert names[0] == "road" and T["small"][0] == min(T["small"])  # the most frequent class weighs least
+
+
+@pytest.mark.parametrize("lr_mul", ["all", "heads"])
+def test_tufl_optimizer_groups(lr_mul):
+    from common import runtime as rt
+    from ssada.train_tufl import make_optimizer
+    m, _ = make_bisenet(13, variant="tufl")
+    opt = make_optimizer(m, 1e-3, 0.9, 5e-4, lr_mul)
+    seen = [id(q) for g in opt.param_groups for q in g["params"]]
+    assert sorted(seen) == sorted(id(q) for q in m.parameters()) and len(seen) == len(set(seen))
+    rt.set_lr(opt, 2e-3)
+    heads = {id(q) for q in m.param_groups()[1]}
+    for g in opt.param_groups:
+        head = all(id(q) in heads for q in g["params"])
+        # upstream Optimizer.step: pg['lr'] = 10 lr when pg.get('lr_mul', True) -> every group
+        assert g["lr"] == pytest.approx(2e-2 if (lr_mul == "all" or head) else 2e-3)
+        one_d = all(q.dim() == 1 for q in g["params"])
+        assert g["weight_decay"] == (0.0 if one_d else 5e-4)  # no decay on BN and biases
+
+
+def test_bisenet_context_upsampling_is_nearest_and_variants():
+    torch.manual_seed(0)
+    m = BiSeNetV1(13).eval()
+    x = torch.randn(1, 3, 64, 96)
+    n = m.backbone
+    with torch.no_grad():
+        f = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        f8 = n.layer2(n.layer1(f))
+        f16, f32 = n.layer3(f8), n.layer4(n.layer3(f8))
+        up2 = lambda t: t.repeat_interleave(2, -2).repeat_interleave(2, -1)  # nn.Upsample(scale_factor=2.)
+        avg = m.conv_avg(f32.mean((2, 3), keepdim=True))
+        up32 = m.conv_head32(up2(m.arm32(f32) + avg))
+        up16 = m.conv_head16(up2(m.arm16(f16) + up32))
+        cp8, cp16 = m.context(x)
+    assert torch.allclose(cp8, up16, atol=1e-5) and torch.allclose(cp16, up32, atol=1e-5)
+    # TUFL's FFM (unsup/model.py:188-218): sigmoid(conv2(relu(conv1(avg)))), no BN; heads without bias; leaky 0.01
+    t, cfg = make_bisenet(13, variant="tufl")
+    t.eval()
+    assert cfg["variant"] == "tufl" and t.head_out.cls.bias is None and t.head_aux16.cls.bias is None
+    assert isinstance(t.sp[0][2], torch.nn.LeakyReLU) and t.sp[0][2].negative_slope == 0.01
+    a = t.ffm.atten
+    assert [type(l) for l in a] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Conv2d, torch.nn.Sigmoid]
+    assert a[0].out_channels == 64 and a[2].out_channels == 256
+    fsp, fcp = torch.randn(1, 128, 4, 6), torch.randn(1, 128, 4, 6)
+    with torch.no_grad():
+        feat = t.ffm.convblk(torch.cat([fsp, fcp], 1))
+        att = torch.sigmoid(a[2].weight[:, :, 0, 0] @ torch.relu(a[0].weight[:, :, 0, 0] @ feat.mean((2, 3))[0]))
+        assert torch.allclose(t.ffm(fsp, fcp), feat + feat * att.view(1, -1, 1, 1), atol=1e-5)
+    s, _ = make_bisenet(13)
+    assert s.head_out.cls.bias is not None and isinstance(s.ffm.atten[1], torch.nn.BatchNorm2d)
+
+
+def test_bisenet_checkpoint_keeps_the_variant(tmp_path):
+    from common import runtime as rt
+    m, cfg = make_bisenet(13, variant="tufl")
+    rt.save_checkpoint(tmp_path / "m.pth", model=m.state_dict(), config=cfg)
+    m2, cfg2 = bisenet_from_checkpoint(tmp_path / "m.pth")
+    assert cfg2["variant"] == "tufl" and m2.head_out.cls.bias is None
+
+
+def test_long_side_scale_crop_and_scale_choice():
+    from PIL import Image
+    from ssada.data import LongSideScaleCrop, ScaleChoice
+    img = Image.new("RGB", (100, 40), (10, 20, 30))
+    lbl = Image.new("L", (100, 40), 3)
+    for seed in range(5):
+        i2, l2 = LongSideScaleCrop((300, 300), (0.5, 2.0))(img, lbl, np.random.default_rng(seed))
+        s = np.random.default_rng(seed).uniform(0.5, 2.0)  # the first draw: the scale of the image's own size
+        lab = np.asarray(l2)
+        assert i2.size == (300, 300) and set(np.unique(lab)) <= {3, 255}
+        assert (lab != 255).any(0).sum() == int(100 * s + 0.5) and (lab != 255).any(1).sum() == int(40 * s + 0.5)
+    # base_hw replaces the image size (the toy preset)
+    _, l3 = LongSideScaleCrop((300, 300), (1.0, 1.0), base_hw=(20, 50))(img, lbl, np.random.default_rng(0))
+    assert (np.asarray(l3) != 255).sum() == 20 * 50
+    sizes = {ScaleChoice()(img, lbl, np.random.default_rng(k))[0].size for k in range(40)}
+    assert sizes == {(int(100 * f), int(40 * f)) for f in (0.75, 1.0, 1.25, 1.5)}
+
+
+def test_sliding_windows_match_tufl_crop_eval():
+    """TUFL utils/evaluate.py:129-159: stride = ceil(5/6 crop), n = ceil((W - crop) / stride) + 1 windows,
+    window i ends at min(W, stride i + crop)."""
+    import math
+    for size, crop in ((2048, 647), (1024, 647), (700, 647)):
+        stride = math.ceil(crop * 5 / 6)
+        n = math.ceil((size - crop) / stride) + 1
+        want = [min(size, stride * i + crop) - crop for i in range(n)]
+        assert windows(size, crop, stride) == want
+    calls = []
+    model = lambda x: calls.append(tuple(x.shape[-2:])) or {"out": torch.zeros(1, 2, *x.shape[-2:])}
+    sliding_logits(model, torch.zeros(1, 3, 1024, 2048), (647, 647), 2, None, 5 / 6)
+    assert len(calls) == 2 * 4 and set(calls) == {(647, 647)}

@@ -20,7 +20,8 @@ def _weights(path):
 
 def test_train_source_then_test_end_to_end(tmp_path, tiny_toy):
     out = tmp_path / "src"
-    p = run_script("advent_maxsquare/train_source.py", *TINY, *roots(tiny_toy), "--multi", "--out", out)
+    p = run_script("advent_maxsquare/train_source.py", *TINY, *roots(tiny_toy), "--multi", "1", "--keep-snapshots",
+                   "--out", out)
     assert "[done]" in p.stdout
     final = json.loads((out / "final.json").read_text())
     assert 0 <= final["last"]["mIoU"] <= 100 and final["best"]["iter"] == 4
