@@ -13,6 +13,18 @@ def hw(text):
     return int(parts[0]), int(parts[1])
 
 
+def positive(text):
+    """An integer >= 1 (iterations, batch sizes, intervals)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v} (an interval of 0 has no meaning; "
+                                         f"to validate only at the end, pass the run's length)")
+    return v
+
+
 def add_common_args(p, source="toy", target="toy"):
     g = p.add_argument_group("data")
     g.add_argument("--source", default=source, help="labelled source domain: toy | toy_gta5 | toy_synthia | "
@@ -34,9 +46,9 @@ def add_common_args(p, source="toy", target="toy"):
                    help="torchvision weights -> torchvision input normalisation; caffe (DeepLab's converted "
                    "DeepLab_resnet_pretrained_init-f81d91e8.pth) -> caffe ResNet and BGR-mean input")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None, help="length of the poly schedule (iter_max)")
-    g.add_argument("--stop-iter", type=int, default=None, help="stop early at this iteration (iter_stop)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step per process")
+    g.add_argument("--iters", type=positive, default=None, help="length of the poly schedule (iter_max)")
+    g.add_argument("--stop-iter", type=positive, default=None, help="stop early at this iteration (iter_stop)")
+    g.add_argument("--batch-size", type=positive, default=None, help="images per step per process")
     g.add_argument("--lr", type=float, default=None, help="base learning rate (heads get 10x)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast: bf16 where native, else off")
@@ -47,8 +59,8 @@ def add_common_args(p, source="toy", target="toy"):
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (config, log.jsonl, checkpoints, predictions)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (full state)")
-    g.add_argument("--eval-every", type=int, default=None, help="validate on the target every N iterations")
-    g.add_argument("--save-every", type=int, default=None, help="write OUT/checkpoint.pth every N iterations")
+    g.add_argument("--eval-every", type=positive, default=None, help="validate on the target every N iterations")
+    g.add_argument("--save-every", type=positive, default=None, help="write OUT/checkpoint.pth every N iterations")
     g.add_argument("--keep-snapshots", action="store_true", help="also keep OUT/best_model.pth (best validation "
                    "mIoU) and OUT/snapshots/iter_N.pth at every --save-every (off: a run keeps its resumable "
                    "checkpoint.pth and the final model.pth only)")

@@ -218,3 +218,10 @@ def test_help_texts_have_no_joined_continuation_lines():
         doc = ast.get_docstring(ast.parse(src), clean=False) or ""
         written = src[: src.find('"""', src.find('"""') + 3)]
         assert written.count("\\\n") == doc.count("\\\n"), f"{path.name}: make the docstring raw (r\"\"\"...)"
+
+
+def test_zero_or_negative_intervals_are_refused():
+    """--eval-every 0 used to die mid-run with ZeroDivisionError after the first iteration."""
+    for flag, value in (("--eval-every", "0"), ("--save-every", "-1"), ("--iters", "0"), ("--batch-size", "x")):
+        p = subprocess.run([sys.executable, SRC, flag, value], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 2 and f"argument {flag}: expected a whole number >= 1" in p.stderr, (flag, p.stderr)
