@@ -16,8 +16,17 @@ EXACT = TEST_DEVICE == "cpu"
 # at 1024x2048, 2-5 minutes a folder on 2 idle cores, 4-7 GB RAM) run with SEGDA_REAL_SMOKE=1, or on a GPU
 # (SEGDA_TEST_DEVICE=cuda); the default suite keeps their cheap checks (crops, label spaces, recipe tables).
 REAL_SMOKE = os.environ.get("SEGDA_REAL_SMOKE") == "1" or TEST_DEVICE == "cuda"
-real_smoke = pytest.mark.skipif(not REAL_SMOKE, reason="paper-preset smoke test at real sizes: set SEGDA_REAL_SMOKE=1 "
-                                "(about 15 minutes on 2 idle CPU cores for all folders) or SEGDA_TEST_DEVICE=cuda")
+_skip_real = pytest.mark.skipif(not REAL_SMOKE, reason="paper-preset smoke test at real sizes: set SEGDA_REAL_SMOKE=1 "
+                                "or SEGDA_TEST_DEVICE=cuda")
+
+
+def real_smoke(test):
+    """Mark a paper-preset smoke test: skipped unless REAL_SMOKE; selected alone with `pytest -m real_smoke`."""
+    return pytest.mark.real_smoke(_skip_real(test))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_smoke: paper-preset smoke test at real sizes (SEGDA_REAL_SMOKE=1)")
 
 
 def run_script(script, *args, timeout=600, env=None, check=True):

@@ -183,6 +183,7 @@ def _one_val_image(real_trees, dst):
     return dst
 
 
+@pytest.mark.real_smoke
 @pytest.mark.skipif(not REAL_SMOKE, reason="FCN8s-VGG16 at the real batch and sizes: set SEGDA_REAL_SMOKE=1 "
                     "(about 40 min on 2 CPU cores) or run with SEGDA_TEST_DEVICE=cuda")
 def test_paper_preset_smoke_chain(real_trees, tmp_path):

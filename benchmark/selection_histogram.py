@@ -1,0 +1,101 @@
+r"""Class content of what each active selector picked, against the target's class frequencies, summed over seeds.
+
+Reads the selection files that mada/select_active.py, d2ada/train_ada.py and ssada/train_ssada.py write in a
+benchmark run folder, and the target's ground-truth labels (used only here, after the fact, to describe the
+selection; no selector sees them). Prints one Markdown table per method family:
+
+    python benchmark/selection_histogram.py                      # benchmark/out, every seed found
+    python benchmark/selection_histogram.py --out /work/bench/out --seeds 0 1 2
+
+Columns: the share of the selected labelled pixels per class (image selectors: all pixels of the selected
+images; region selectors: the pixels of the selected regions), the same over the whole target train split,
+and, for image selectors, the share of selected images that contain each of the target's rarest classes.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import labels as L  # noqa: E402
+
+NAMES = L.class_names(19)
+
+
+def label_path(root, image_rel):
+    """leftImg8bit/<split>/<city>/<name>_leftImg8bit.png -> gtFine/.../<name>_gtFine_labelIds.png"""
+    rel = image_rel.replace("leftImg8bit/", "gtFine/", 1).replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+    return Path(root) / rel
+
+
+def train_ids(path, lut):
+    return lut[np.asarray(Image.open(path))]
+
+
+def class_hist(lab):
+    return np.bincount(lab[lab < 19].ravel(), minlength=19).astype(np.float64)
+
+
+def image_selectors(out, seeds):
+    """{selector: [(root, [image_rel, ...]) per seed]} from mada's select_* folders."""
+    found = {}
+    for s in seeds:
+        for d in sorted((Path(out) / f"seed{s}" / "mada").glob("select_*")):
+            meta = json.loads((d / "selected.json").read_text())
+            rel = (d / "selected.txt").read_text().split()
+            found.setdefault(d.name[len("select_"):], []).append((meta["root"], rel))
+    return found
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmark" / "out"), help="the benchmark's --out folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed<N> folder found")
+    p.add_argument("--rare", type=int, default=4, help="how many of the target's rarest classes to report")
+    a = p.parse_args()
+    seeds = a.seeds if a.seeds is not None else sorted(int(d.name[4:]) for d in Path(a.out).glob("seed*"))
+    lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
+    sel = image_selectors(a.out, seeds)
+    if not sel:
+        sys.exit(f"no mada/select_* folders under {a.out}/seed{{{','.join(map(str, seeds))}}}")
+    root = next(iter(sel.values()))[0][0]
+    all_imgs = sorted(str(q.relative_to(root)) for q in (Path(root) / "leftImg8bit" / "train").rglob("*.png"))
+    cache = {r: train_ids(label_path(root, r), lut) for r in all_imgs}
+    tgt = sum(class_hist(v) for v in cache.values())
+    tgt_share = tgt / tgt.sum()
+    present = {r: class_hist(v) > 0 for r, v in cache.items()}
+    base_rate = np.mean([present[r] for r in all_imgs], axis=0)
+    rare = [c for c in np.argsort(tgt_share) if tgt_share[c] > 0][:a.rare]
+    rows, rare_rows = {}, {}
+    for name, per_seed in sel.items():
+        h = sum(class_hist(cache[r]) for _, rel in per_seed for r in rel)
+        rows[name] = h / h.sum()
+        rare_rows[name] = np.mean([present[r] for _, rel in per_seed for r in rel], axis=0)
+    names = list(rows)
+    print(f"MADA image selectors, seeds {seeds}: class share of the selected images' pixels (%) vs the target train "
+          f"split ({len(all_imgs)} images)\n")
+    print("| class | target | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for c in np.argsort(-tgt_share):
+        if tgt_share[c] == 0 and all(rows[n][c] == 0 for n in names):
+            continue
+        print(f"| {NAMES[c]} | {100 * tgt_share[c]:.2f} | " + " | ".join(f"{100 * rows[n][c]:.2f}" for n in names) + " |")
+    print(f"\nShare of selected images containing each of the {a.rare} rarest target classes (%), vs every target image:\n")
+    print("| class | all target images | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for c in rare:
+        print(f"| {NAMES[c]} | {100 * base_rate[c]:.1f} | " + " | ".join(f"{100 * rare_rows[n][c]:.1f}" for n in names) + " |")
+    print("\nClasses present per image (mean): every target image "
+          f"{np.mean([present[r].sum() for r in all_imgs]):.2f}; "
+          + ", ".join(f"{n} {np.mean([present[r].sum() for _, rel in sel[n] for r in rel]):.2f}" for n in names))
+    tv = {n: 0.5 * np.abs(rows[n] - tgt_share).sum() for n in names}
+    print("\nTotal-variation distance of the selected class shares from the target's: "
+          + ", ".join(f"{n} {100 * v:.1f}%" for n, v in tv.items()))
+
+
+if __name__ == "__main__":
+    main()
