@@ -40,10 +40,26 @@ def n_components(n_target_regions):
     return int(np.clip(n_target_regions // 100, 1, 10))
 
 
-def fit_gmm(x, k, max_iter=200, seed=0):
+REG_COVAR = 1e-6  # sklearn's default, as upstream (gmm_scoring.py constructs GaussianMixture without reg_covar)
+
+
+def fit_gmm(x, k, max_iter=200, seed=0, reg_covar=REG_COVAR, retries=6):
+    """Full-covariance GMM with k components (at most one per sample). Where sklearn cannot factor a
+    covariance (collapsed or badly scaled features; upstream then crashes with "ill-defined empirical
+    covariance"), the fit is repeated with reg_covar x 10 (at least 1e-6 of the features' mean
+    variance), up to `retries` times; the gm's reg_covar
+    says what was used (logged per class as `reg_covar`)."""
     from sklearn.mixture import GaussianMixture
-    return GaussianMixture(n_components=min(k, len(x)), covariance_type="full", random_state=seed,
-                           max_iter=max_iter).fit(np.asarray(x, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
+    for attempt in range(retries + 1):
+        try:
+            return GaussianMixture(n_components=min(k, len(x)), covariance_type="full", random_state=seed,
+                                   max_iter=max_iter, reg_covar=reg_covar).fit(x)
+        except ValueError as e:
+            if "ill-defined empirical covariance" not in str(e) or attempt == retries:
+                raise
+            # x 10, and at least 1e-6 of the features' mean variance (an absolute 1e-6 is nothing for large features)
+            reg_covar = max(reg_covar * 10, 1e-6 * float(x.var(0).mean()))
 
 
 def class_weight(diff):
@@ -86,7 +102,8 @@ def density_scores(src_feat, src_cls, trg_feat, trg_cls, classes, threads=1, wor
         gm_t = fit_gmm(x, k, max_iter)
         d = gm_s.score_samples(x) - gm_t.score_samples(x)
         rec = {"event": "gmm", "class": c, "components": k, "target_regions": int(len(t_idx)),
-               "source_regions": int((src_cls == c).sum()), "seconds": round(time.time() - t0, 2)}
+               "source_regions": int((src_cls == c).sum()), "seconds": round(time.time() - t0, 2),
+               "reg_covar": [gm_s.reg_covar, gm_t.reg_covar]}
         return c, t_idx, d, rec
 
     out = {}

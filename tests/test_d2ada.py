@@ -419,3 +419,21 @@ def test_paper_preset_smoke_on_real_format_trees(real_one, tmp_path):
                "--workers", 0, "--out", e, timeout=900)
     res = json.loads((e / "final.json").read_text())
     assert res["images"] == 1 and 0 <= res["mIoU"] <= 100
+
+
+def test_gmm_refits_with_larger_reg_covar_only_where_sklearn_fails():
+    """Upstream's GaussianMixture (reg_covar 1e-6) raises "ill-defined empirical covariance" on collapsed,
+    large-scale features; fit_gmm refits with a larger reg_covar only then, and keeps 1e-6 otherwise."""
+    from sklearn.mixture import GaussianMixture
+    from d2ada.selection import REG_COVAR, fit_gmm
+    rng = np.random.default_rng(0)
+    bad = rng.normal(size=(30, 64)) @ rng.normal(size=(64, 64)) * 1e8
+    bad[:, :10] = 0
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(2, covariance_type="full", random_state=0).fit(bad)
+    gm = fit_gmm(bad, 2)
+    assert gm.reg_covar > REG_COVAR and np.isfinite(gm.score_samples(bad)).all()
+    good = rng.normal(size=(200, 8))
+    gm = fit_gmm(good, 2)
+    ref = GaussianMixture(2, covariance_type="full", random_state=0, max_iter=200).fit(good)
+    assert gm.reg_covar == REG_COVAR and np.allclose(gm.score_samples(good), ref.score_samples(good))
