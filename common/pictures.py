@@ -235,6 +235,19 @@ def region_sheet(items, colours, path, title="", cols=3, tile_w=TILE_W):
     return image_sheet([("", tiles)], 19, path, title, cols, tile_w, legend=list(colours.items()))
 
 
+def wrap_text(text, f, width):
+    """Words of text in lines no wider than width px (a single longer word gets its own line)."""
+    lines, cur = [], ""
+    for word in text.split():
+        cand = (cur + " " + word).strip()
+        if cur and f.getlength(cand) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = cand
+    return lines + [cur] if cur else lines or [""]
+
+
 def class_histogram_chart(selected, reference, num_classes, path, title,
                           names=("selected pixels", "target train split (ground truth)")):
     """Per class, two horizontal bars: its share of the selected pixels (class colour) and its share of the
@@ -245,18 +258,22 @@ def class_histogram_chart(selected, reference, num_classes, path, title,
     top = max(float(ps.max()), float(pr.max()), 1e-9)
     row = 2 * BAR_H + 6
     width = PAD + BAR_NAME_W + BAR_W + 50
-    height = 3 * LINE + num_classes * row + PAD
+    f = font()
+    lines = wrap_text(title, f, width - 2 * PAD)
+    t = len(lines)  # title lines
+    height = (t + 2) * LINE + num_classes * row + PAD
     img = Image.new("RGB", (width, height), "white")
-    d, f = ImageDraw.Draw(img), font()
-    d.text((PAD, 1), title, fill=(0, 0, 0), font=f)
+    d = ImageDraw.Draw(img)
+    for k, line in enumerate(lines):
+        d.text((PAD, 1 + k * LINE), line, fill=(0, 0, 0), font=f)
     x0, grey = PAD + BAR_NAME_W, (175, 175, 175)
     for k, (text, col) in enumerate(((f"{names[0]} ({int(sel.sum())} px), in the class colour", (60, 60, 60)),
                                      (names[1], grey))):
-        d.rectangle([x0, (k + 1) * LINE + 2, x0 + 20, (k + 1) * LINE + 1 + BAR_H], fill=col)
-        d.text((x0 + 24, (k + 1) * LINE + 1), text, fill=(0, 0, 0), font=f)
+        d.rectangle([x0, (k + t) * LINE + 2, x0 + 20, (k + t) * LINE + 1 + BAR_H], fill=col)
+        d.text((x0 + 24, (k + t) * LINE + 1), text, fill=(0, 0, 0), font=f)
     pal = L.palette(num_classes)
     for c, name in enumerate(L.class_names(num_classes)):
-        y = 3 * LINE + c * row
+        y = (t + 2) * LINE + c * row
         d.text((PAD, y + 4), name, fill=(0, 0, 0), font=f)
         for k, (p, col) in enumerate(((ps[c], tuple(int(v) for v in pal[c])), (pr[c], grey))):
             yy = y + k * (BAR_H + 1)
@@ -291,9 +308,11 @@ def dataset_tiles(dataset, indices, captions=None, with_labels=True):
 
 
 def _short(path, n=38):
-    """A file's stem without Cityscapes' _leftImg8bit, cut to n characters (what fits under a tile)."""
+    """A file's stem without Cityscapes' _leftImg8bit, at most n characters (what fits under a tile): a longer
+    one keeps its end (sequence and frame numbers tell images apart, the city prefix does not)."""
     stem = Path(path).stem
-    return (stem[: -len("_leftImg8bit")] if stem.endswith("_leftImg8bit") else stem)[:n]
+    stem = stem[: -len("_leftImg8bit")] if stem.endswith("_leftImg8bit") else stem
+    return stem if len(stem) <= n else ".." + stem[-(n - 2):]
 
 
 def _chart_path(path):
