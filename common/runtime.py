@@ -396,8 +396,17 @@ class Terminated(KeyboardInterrupt):
     pass
 
 
+_STOP = []  # exit code of the stop signal received (130 Ctrl-C, 143 SIGTERM), set by the handlers below
+
+
 def _on_sigterm(signum, frame):
+    _STOP.append(143)
     raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    _STOP.append(130)
+    raise KeyboardInterrupt()
 
 
 def last_checkpoint(out):
@@ -427,12 +436,22 @@ def run_main(main, parse_args):
     and print one line with the last checkpoint's iteration and the exact command that resumes it."""
     from .datasets import DatasetError, DatasetLayoutError
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     args = None
     try:
         args = parse_args()
         main(args)
-    except KeyboardInterrupt as e:
-        code = 143 if isinstance(e, Terminated) else 130
+    except BaseException as e:
+        # A signal to the whole process group (Ctrl-C in a terminal, the benchmark's stop) also reaches the
+        # DataLoader workers; what then surfaces may be torch's "DataLoader worker ... killed" RuntimeError
+        # rather than our KeyboardInterrupt: once a stop signal has arrived, any exception is that stop.
+        if not (_STOP or isinstance(e, KeyboardInterrupt)):
+            if isinstance(e, (InputError, DatasetLayoutError, DatasetError)):
+                print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            raise
+        code = _STOP[0] if _STOP else (143 if isinstance(e, Terminated) else 130)
         sig = "SIGTERM" if code == 143 else "Ctrl-C"
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -447,9 +466,6 @@ def run_main(main, parse_args):
             print(f"\n[stopped] {sig}: {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)  # no traceback, no waiting on data-loader workers or process groups
-    except (InputError, DatasetLayoutError, DatasetError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def save_json(path, obj):

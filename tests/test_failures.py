@@ -225,3 +225,25 @@ def test_zero_or_negative_intervals_are_refused():
     for flag, value in (("--eval-every", "0"), ("--save-every", "-1"), ("--iters", "0"), ("--batch-size", "x")):
         p = subprocess.run([sys.executable, SRC, flag, value], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 2 and f"argument {flag}: expected a whole number >= 1" in p.stderr, (flag, p.stderr)
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_stop_signal_to_the_process_group_with_loader_workers(tmp_path, tiny_toy, sig, code, word):
+    """A terminal's Ctrl-C and the benchmark's stop signal the whole process group, DataLoader workers included:
+    the run must still end with the one [stopped] line (it used to end in torch's 'DataLoader worker (pid N) is
+    killed by signal' traceback)."""
+    out = tmp_path / "g"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, SRC, "--iters", "40", "--batch-size", "2", "--eval-every", "40",
+                             "--save-every", "2", "--workers", "2", *map(str, roots(tiny_toy)), "--out", str(out)],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-step, workers busy
+    os.killpg(proc.pid, sig)
+    so, se = proc.communicate(timeout=120)
+    lines = [ln for ln in se.splitlines() if ln.strip()]
+    assert proc.returncode == code and "Traceback" not in se, (proc.returncode, se[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f"[stopped] {word}: last checkpoint {out / 'checkpoint.pth'}"), se
