@@ -51,6 +51,39 @@ def image_selectors(out, seeds):
     return found
 
 
+D2ADA_RUNS = {"d2ada_ada": "D2ADA", "d2ada_random": "random regions", "d2ada_uncertainty": "uncertainty only",
+              "d2ada_pca32": "D2ADA, 32-d PCA density"}
+
+
+def region_selectors(out, seeds):
+    """{selector: [(root, {image_rel: [region ids]}) per seed]} from d2ada/train_ada.py's last datalist (the
+    regions labelled after the last round)."""
+    found = {}
+    for s in seeds:
+        for run, name in D2ADA_RUNS.items():
+            lists = sorted((Path(out) / f"seed{s}" / run).glob("datalist_*.json"))
+            if not lists:
+                continue
+            cfg = json.loads((Path(out) / f"seed{s}" / run / "config.json").read_text())
+            root = cfg.get("target_root") or str(ROOT / "data" / "toy" / "toy_cityscapes")
+            found.setdefault(name, []).append((root, json.loads(lists[-1].read_text())["trg_label_suppix"]))
+    return found
+
+
+def print_table(title, rows, tgt_share):
+    names = list(rows)
+    print(title + "\n")
+    print("| class | target | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for c in np.argsort(-tgt_share):
+        if tgt_share[c] == 0 and all(rows[n][c] == 0 for n in names):
+            continue
+        print(f"| {NAMES[c]} | {100 * tgt_share[c]:.2f} | " + " | ".join(f"{100 * rows[n][c]:.2f}" for n in names) + " |")
+    tv = {n: 0.5 * np.abs(rows[n] - tgt_share).sum() for n in names}
+    print("\nTotal-variation distance of the selected class shares from the target's: "
+          + ", ".join(f"{n} {100 * v:.1f}%" for n, v in tv.items()) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmark" / "out"), help="the benchmark's --out folder")
@@ -59,10 +92,10 @@ def main():
     a = p.parse_args()
     seeds = a.seeds if a.seeds is not None else sorted(int(d.name[4:]) for d in Path(a.out).glob("seed*"))
     lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
-    sel = image_selectors(a.out, seeds)
-    if not sel:
-        sys.exit(f"no mada/select_* folders under {a.out}/seed{{{','.join(map(str, seeds))}}}")
-    root = next(iter(sel.values()))[0][0]
+    sel, reg = image_selectors(a.out, seeds), region_selectors(a.out, seeds)
+    if not sel and not reg:
+        sys.exit(f"no mada/select_* or d2ada datalists under {a.out}/seed{{{','.join(map(str, seeds))}}}")
+    root = (next(iter(sel.values())) if sel else next(iter(reg.values())))[0][0]
     all_imgs = sorted(str(q.relative_to(root)) for q in (Path(root) / "leftImg8bit" / "train").rglob("*.png"))
     cache = {r: train_ids(label_path(root, r), lut) for r in all_imgs}
     tgt = sum(class_hist(v) for v in cache.values())
@@ -70,6 +103,20 @@ def main():
     present = {r: class_hist(v) > 0 for r, v in cache.items()}
     base_rate = np.mean([present[r] for r in all_imgs], axis=0)
     rare = [c for c in np.argsort(tgt_share) if tgt_share[c] > 0][:a.rare]
+    if reg:
+        from d2ada.regions import read_superpixel
+        rows = {}
+        for name, per_seed in reg.items():
+            h = np.zeros(19)
+            for r_root, picked in per_seed:
+                for rel, ids in picked.items():
+                    m = np.isin(read_superpixel(r_root, Path(r_root) / rel), ids)
+                    h += class_hist(cache[rel][m])
+            rows[name] = h / h.sum()
+        print_table(f"D2ADA region selectors, seeds {seeds}: class share of the labelled pixels after the last round "
+                    f"(%) vs the target train split ({len(all_imgs)} images)", rows, tgt_share)
+    if not sel:
+        return
     rows, rare_rows = {}, {}
     for name, per_seed in sel.items():
         h = sum(class_hist(cache[r]) for _, rel in per_seed for r in rel)
