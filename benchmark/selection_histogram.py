@@ -41,13 +41,21 @@ def class_hist(lab):
 
 
 def image_selectors(out, seeds):
-    """{selector: [(root, [image_rel, ...]) per seed]} from mada's select_* folders."""
+    """{selector: [(root, [image_rel, ...]) per seed]} from mada's select_* folders and from SS-ADA's rounds
+    (the images its acquisition picked in rounds 1.., not the initial random draw of round_00_init)."""
     found = {}
     for s in seeds:
         for d in sorted((Path(out) / f"seed{s}" / "mada").glob("select_*")):
             meta = json.loads((d / "selected.json").read_text())
             rel = (d / "selected.txt").read_text().split()
             found.setdefault(d.name[len("select_"):], []).append((meta["root"], rel))
+        for d in sorted((Path(out) / f"seed{s}").glob("ssada_*")):
+            picked = [r for f in sorted(d.glob("rounds/round_*/selected.txt")) if "init" not in f.parent.name
+                      for r in f.read_text().split()]
+            if picked:
+                cfg = json.loads((d / "config.json").read_text())
+                root = cfg.get("target_root") or str(ROOT / "data" / "toy" / "toy_cityscapes")
+                found.setdefault(d.name, []).append((root, picked))
     return found
 
 
@@ -123,7 +131,7 @@ def main():
         rows[name] = h / h.sum()
         rare_rows[name] = np.mean([present[r] for _, rel in per_seed for r in rel], axis=0)
     names = list(rows)
-    print(f"MADA image selectors, seeds {seeds}: class share of the selected images' pixels (%) vs the target train "
+    print(f"Image selectors (MADA select_*, SS-ADA ssada_*), seeds {seeds}: class share of the selected images' pixels (%) vs the target train "
           f"split ({len(all_imgs)} images)\n")
     print("| class | target | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
