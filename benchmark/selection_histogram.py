@@ -104,6 +104,8 @@ def main():
     if not sel and not reg:
         sys.exit(f"no mada/select_* or d2ada datalists under {a.out}/seed{{{','.join(map(str, seeds))}}}")
     root = (next(iter(sel.values())) if sel else next(iter(reg.values())))[0][0]
+    sel = {f"{k} (n={len(v)})": v for k, v in sel.items()}  # n = seeds found for that selector
+    reg = {f"{k} (n={len(v)})": v for k, v in reg.items()}
     all_imgs = sorted(str(q.relative_to(root)) for q in (Path(root) / "leftImg8bit" / "train").rglob("*.png"))
     cache = {r: train_ids(label_path(root, r), lut) for r in all_imgs}
     tgt = sum(class_hist(v) for v in cache.values())
@@ -131,15 +133,9 @@ def main():
         rows[name] = h / h.sum()
         rare_rows[name] = np.mean([present[r] for _, rel in per_seed for r in rel], axis=0)
     names = list(rows)
-    print(f"Image selectors (MADA select_*, SS-ADA ssada_*), seeds {seeds}: class share of the selected images' pixels (%) vs the target train "
-          f"split ({len(all_imgs)} images)\n")
-    print("| class | target | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    for c in np.argsort(-tgt_share):
-        if tgt_share[c] == 0 and all(rows[n][c] == 0 for n in names):
-            continue
-        print(f"| {NAMES[c]} | {100 * tgt_share[c]:.2f} | " + " | ".join(f"{100 * rows[n][c]:.2f}" for n in names) + " |")
-    print(f"\nShare of selected images containing each of the {a.rare} rarest target classes (%), vs every target image:\n")
+    print_table(f"Image selectors (MADA select_*, SS-ADA ssada_*), seeds {seeds}: class share of the selected images' "
+                f"pixels (%) vs the target train split ({len(all_imgs)} images)", rows, tgt_share)
+    print(f"Share of selected images containing each of the {a.rare} rarest target classes (%), vs every target image:\n")
     print("| class | all target images | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for c in rare:
@@ -147,9 +143,6 @@ def main():
     print("\nClasses present per image (mean): every target image "
           f"{np.mean([present[r].sum() for r in all_imgs]):.2f}; "
           + ", ".join(f"{n} {np.mean([present[r].sum() for _, rel in sel[n] for r in rel]):.2f}" for n in names))
-    tv = {n: 0.5 * np.abs(rows[n] - tgt_share).sum() for n in names}
-    print("\nTotal-variation distance of the selected class shares from the target's: "
-          + ", ".join(f"{n} {100 * v:.1f}%" for n, v in tv.items()))
 
 
 if __name__ == "__main__":

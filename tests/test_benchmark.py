@@ -1,5 +1,6 @@
 """The benchmark driver's scheduler: shared steps run once and in order, failures skip only their dependents."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -226,3 +227,33 @@ def test_the_log_reader_counts_rounds_and_restarts_the_rate_after_a_resume(tmp_p
     assert (it, total, val) == (60 + 50, 5 * 60, 30.0)  # round 2, iteration 50 of 5 rounds x 60
     # 0.5 s / iteration since the resume, not 3.8 s / iteration across the pause before it
     assert eta is not None and (300 - 110) * 0.5 - 30 < eta <= (300 - 110) * 0.5
+
+
+def test_selection_histogram_matches_a_direct_count(tmp_path, tiny_toy):
+    """benchmark/selection_histogram.py: the class shares of a MADA-style selection and of the target split,
+    against a direct count over the label files."""
+    import numpy as np
+    from PIL import Image
+    from common import labels as L
+    root = tiny_toy / "toy_cityscapes"
+    imgs = sorted(str(p.relative_to(root)) for p in (root / "leftImg8bit" / "train").rglob("*.png"))
+    sel = tmp_path / "out" / "seed0" / "mada" / "select_x"
+    sel.mkdir(parents=True)
+    (sel / "selected.json").write_text(json.dumps({"root": str(root)}))
+    (sel / "selected.txt").write_text("\n".join(imgs[:2]) + "\n")
+    p = subprocess.run([sys.executable, "benchmark/selection_histogram.py", "--out", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
+
+    def share(rels):
+        h = np.zeros(19)
+        for r in rels:
+            lab = lut[np.asarray(Image.open(root / r.replace("leftImg8bit/", "gtFine/", 1)
+                                            .replace("_leftImg8bit.png", "_gtFine_labelIds.png")))]
+            h += np.bincount(lab[lab < 19], minlength=19)
+        return 100 * h / h.sum()
+    tgt, picked = share(imgs), share(imgs[:2])
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith("| road |"))
+    assert "x (n=1)" in p.stdout
+    assert [float(v) for v in row.split("|")[2:4]] == [round(tgt[0], 2), round(picked[0], 2)], row
