@@ -282,6 +282,21 @@ def _lowpass_noise(rng, H, W, period):
     return (np.asarray(im, np.float32) / 255 - 0.5) * 6
 
 
+def texture_pattern(k, p, X, Y, yy, rng):
+    """Per-pixel texture in [-1, 1]: k the kind of each pixel (TEXTURE_V3's letters), p its period (px),
+    X, Y its (shifted) coordinates, yy the row index (for the vertical gradient 'y')."""
+    H, W = k.shape
+    pat = np.zeros((H, W), np.float32)
+    pat = np.where(k == "n", rng.normal(0, 1, (H, W)), pat)
+    pat = np.where(k == "b", _lowpass_noise(rng, H, W, 3), pat)
+    pat = np.where(k == "s", np.sign(np.sin(np.pi * (X + 0.5 * Y) / p)), pat)
+    pat = np.where(k == "h", np.sign(np.sin(np.pi * Y / p)), pat)
+    pat = np.where(k == "v", np.sign(np.sin(np.pi * X / p)), pat)
+    pat = np.where(k == "g", ((((X // p) % 2) == 0) & (((Y // p) % 2) == 0)) * 2.0 - 1, pat)
+    pat = np.where(k == "c", ((X // p + Y // p) % 2) * 2.0 - 1, pat)
+    return np.where(k == "y", 1 - 2 * yy / H, pat)
+
+
 def _render_v3(lab, inst, domain, pal, rng, hard=False):
     """RGB uint8 image of a label map: per-instance colour and texture, per-image photometry (targets)."""
     H, W = lab.shape
@@ -306,17 +321,7 @@ def _render_v3(lab, inst, domain, pal, rng, hard=False):
     base_a = np.array([TEXTURE_V3[min(c, 18)][2] for c in icls]) * amp
     ox, oy = rng.uniform(0, 16, n), rng.uniform(0, 16, n)
     p, a = base_p[inst].astype(np.float32), base_a[inst].astype(np.float32)
-    X, Y = xx + ox[inst], yy + oy[inst]
-    k = kind[inst]
-    pat = np.zeros((H, W), np.float32)
-    pat = np.where(k == "n", rng.normal(0, 1, (H, W)), pat)
-    pat = np.where(k == "b", _lowpass_noise(rng, H, W, 3), pat)
-    pat = np.where(k == "s", np.sign(np.sin(np.pi * (X + 0.5 * Y) / p)), pat)
-    pat = np.where(k == "h", np.sign(np.sin(np.pi * Y / p)), pat)
-    pat = np.where(k == "v", np.sign(np.sin(np.pi * X / p)), pat)
-    pat = np.where(k == "g", ((((X // p) % 2) == 0) & (((Y // p) % 2) == 0)) * 2.0 - 1, pat)
-    pat = np.where(k == "c", ((X // p + Y // p) % 2) * 2.0 - 1, pat)
-    pat = np.where(k == "y", 1 - 2 * yy / H, pat)
+    pat = texture_pattern(kind[inst], p, xx + ox[inst], yy + oy[inst], yy, rng)
     img = col[inst] * (1 + (a * pat)[..., None])
     if target:  # 1. per-image photometry: white balance, colour mix, exposure, gamma
         img = img * np.exp(rng.normal(0, V3["wb"], 3))
