@@ -54,7 +54,7 @@ PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None,
              stop_iter=150000, batch_size=1, lr=2.5e-4, lr_d=1e-4, multi=1, lambda_main=1e-3, lambda_aux=2e-4,
              random_mirror=0, blur=0, freeze_bn="all",
              eval_every=5000, save_every=5000, out="runs/advent_maxsquare/adaptseg")
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", init_from=SOURCE_CKPT, iters=300,
+TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", init_from=SOURCE_CKPT, iters=300,
            batch_size=8, lr=2.5e-3, lr_d=1e-4, multi=0, lambda_main=1e-2, lambda_aux=2e-3,
            random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/adaptseg")
@@ -89,12 +89,12 @@ def parse_args(argv=None):
                    "all (AdaptSegNet/ADVENT), stem = the ResNet's first BN only (MaxSquare), none; bare = all")
     g.add_argument("--two-branch", action="store_true", help="upstream 2-branch ASPP bug (compatibility)")
     args = p.parse_args(argv)
-    explicit_init_from = args.init_from is not None
+    explicit_init_from, explicit_init = args.init_from is not None, args.init is not None
     cli.fill_defaults(args, TOY, PAPER)
     cli.default_num_classes(args)
     if not explicit_init_from and args.init_from == SOURCE_CKPT and not Path(SOURCE_CKPT).exists():
         args.init_from = "scratch (toy default: " + SOURCE_CKPT + " not found)"
-    if args.init is not None and not explicit_init_from and args.init != "scratch":
+    if explicit_init and not explicit_init_from and args.init != "scratch":
         args.init_from = "scratch (--init given)"
     if args.init_from and not args.init_from.startswith("scratch") and not Path(args.init_from).is_file():
         p.error(f"--init-from: no checkpoint at {args.init_from} (train one with advent_maxsquare/train_source.py)")

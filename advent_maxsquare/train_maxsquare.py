@@ -55,7 +55,7 @@ PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None,
              round_num=5, epoch_each_round=2, batch_size=1, lr=2.5e-4, multi=0, lambda_target=0.1,
              random_mirror=1, blur=1, freeze_bn="stem",
              eval_every=None, save_every=None, out="runs/advent_maxsquare/maxsquare")
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", init_from=SOURCE_CKPT, iters=300,
+TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", init_from=SOURCE_CKPT, iters=300,
            round_num=0, epoch_each_round=2, batch_size=8, lr=2.5e-3, multi=0, lambda_target=0.1,
            random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/maxsquare")
@@ -91,7 +91,7 @@ def parse_args(argv=None):
                    "all (AdaptSegNet/ADVENT), stem = the ResNet's first BN only (MaxSquare), none; bare = all")
     g.add_argument("--two-branch", action="store_true", help="upstream 2-branch ASPP bug (compatibility)")
     args = p.parse_args(argv)
-    explicit_init_from = args.init_from is not None
+    explicit_init_from, explicit_init = args.init_from is not None, args.init is not None
     if args.iters is not None and args.round_num is None:  # an explicit length replaces the round-based one
         args.round_num = 0
     cli.fill_defaults(args, TOY, PAPER)
@@ -100,7 +100,7 @@ def parse_args(argv=None):
         args.eval_every, args.save_every = args.eval_every or 2000, args.save_every or 2000
     if not explicit_init_from and args.init_from == SOURCE_CKPT and not Path(SOURCE_CKPT).exists():
         args.init_from = "scratch (toy default: " + SOURCE_CKPT + " not found)"
-    if args.init is not None and not explicit_init_from and args.init != "scratch":
+    if explicit_init and not explicit_init_from and args.init != "scratch":
         args.init_from = "scratch (--init given)"
     if args.init_from and not args.init_from.startswith("scratch") and not Path(args.init_from).is_file():
         p.error(f"--init-from: no checkpoint at {args.init_from} (train one with advent_maxsquare/train_source.py)")

@@ -42,7 +42,7 @@ from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
 PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, iters=200000, stop_iter=80000,
              batch_size=1, lr=2.5e-4, random_mirror=1, blur=1, freeze_bn="stem",
              eval_every=5000, save_every=5000, out="runs/advent_maxsquare/source")
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=600, batch_size=8, lr=1e-2,
+TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", iters=600, batch_size=8, lr=1e-2,
            random_mirror=1, blur=1, freeze_bn="none", eval_every=200, save_every=200,
            out="runs/advent_maxsquare/source")
 

@@ -42,7 +42,8 @@ def add_common_args(p, source="toy", target="toy"):
     g.add_argument("--model", default=None, choices=["deeplabv2", "deeplabv3plus"], help="segmentation network")
     g.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     g.add_argument("--init", default=None, help="ImageNet(/COCO) backbone weights file; 'scratch' = random "
-                   "init; 'toy' = the toy stand-in for ImageNet (common/toy_backbone.py, pre-trained once, cached)")
+                   "init; 'toy' (the toy presets' default) = scratch on toy v2, the toy stand-in for ImageNet weights on v3 "
+                   "(common/toy_backbone.py, pre-trained once, cached)")
     g.add_argument("--init-format", default="torchvision", choices=["torchvision", "caffe"],
                    help="torchvision weights -> torchvision input normalisation; caffe (DeepLab's converted "
                    "DeepLab_resnet_pretrained_init-f81d91e8.pth) -> caffe ResNet and BGR-mean input")
@@ -81,9 +82,13 @@ def fill_defaults(args, toy, paper):
             setattr(args, k, v)
     if args.stop_iter is None:
         args.stop_iter = args.iters
-    if getattr(args, "init", None) == "toy":  # the toy stand-in for ImageNet weights, pre-trained once and cached
-        from .toy_backbone import ensure_toy_backbone
-        args.init = str(ensure_toy_backbone())
+    if getattr(args, "init", None) == "toy":  # the toy presets' init: scratch on toy v2 (its published numbers);
+        from .toy import toy_version           # on v3 the toy stand-in for ImageNet weights, pre-trained once, cached
+        if toy_version() >= 3:
+            from .toy_backbone import ensure_toy_backbone
+            args.init = str(ensure_toy_backbone())
+        else:
+            args.init = "scratch"
     clamp_stop(args)
     return args
 

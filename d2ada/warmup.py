@@ -42,7 +42,7 @@ from d2ada.regions import eval_set_at
 PAPER = dict(model="deeplabv3plus", backbone="resnet101", init=None, iters=100000, batch_size=1, lr=2.5e-4,
              crop_size=(1024, 2048), warmup_iters=5000, freeze_bn=1, eval_every=1000, save_every=1000,
              out="runs/d2ada/warmup")
-TOY = dict(model="deeplabv3plus", backbone="resnet18", init="scratch", iters=300, batch_size=8, lr=1e-2,
+TOY = dict(model="deeplabv3plus", backbone="resnet18", init="toy", iters=300, batch_size=8, lr=1e-2,
            crop_size=(64, 128), warmup_iters=30, freeze_bn=0, eval_every=100, save_every=100,
            out="runs/d2ada/warmup")
 

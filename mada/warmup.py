@@ -39,7 +39,7 @@ from mada import core
 # lambda_adv 0.001) on MADA's DeepLabV3+ R101 and augmentation. TOY: ResNet-18 from scratch.
 PAPER = dict(model="deeplabv3plus", backbone="resnet101", init=None, iters=120000, batch_size=4, lr=2.5e-4,
              lambda_adv=0.001, crop_size=(512, 896), eval_size=(1024, 2048), eval_every=2000, save_every=2000, out="runs/mada/warmup")
-TOY = dict(model="deeplabv3plus", backbone="resnet18", init="scratch", iters=150, batch_size=8, lr=1e-2,
+TOY = dict(model="deeplabv3plus", backbone="resnet18", init="toy", iters=150, batch_size=8, lr=1e-2,
            lambda_adv=0.0, eval_every=150, save_every=50, out="runs/mada/warmup")
 
 

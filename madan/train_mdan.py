@@ -43,7 +43,7 @@ from madan.util import SOURCES_HELP, average_gradients, fill_defaults, sources_o
 # combined" DeepLabV2-ResNet18 for 60 iterations, batch 2 per domain.
 PAPER = dict(model="fcn8s", backbone="vgg16", init=None, iters=100000, batch_size=1, lr=1e-4, eval_every=5000,
              save_every=5000, init_from=None, out="runs/madan/mdan")
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=60, batch_size=2, lr=1e-4,
+TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", iters=60, batch_size=2, lr=1e-4,
            eval_every=60, save_every=60, init_from="runs/madan/combined/model.pth", out="runs/madan/mdan")
 
 

@@ -45,7 +45,7 @@ from madan.util import SOURCES_HELP, fill_defaults, sources_of
 PAPER = dict(model="fcn8s", backbone="vgg16", init=None, iters=30000, batch_size=8, lr=1e-4, optimizer="adam",
              eval_every=2000, save_every=2000, out="runs/madan/segmenter")
 TRAIN_HW = {"gta5": (600, 1080), "synthia": (760, 1280)}
-TOY = dict(model="deeplabv2", backbone="resnet18", init="scratch", iters=600, batch_size=4, lr=1e-2,
+TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", iters=600, batch_size=4, lr=1e-2,
            optimizer="sgd", eval_every=600, save_every=200, out="runs/madan/segmenter")
 
 

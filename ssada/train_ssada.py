@@ -54,7 +54,7 @@ from ssada.test import evaluate_sliding
 PAPER = dict(init=None, batch_size=4, lr=0.05, epochs=200, sample_epochs=[20, 40, 60], epoch_iters=None,
              warmup=1000, min_kept=200000, save_every=2000, out="runs/ssada/ssada", crop_size=(640, 640),
              full_res=1, eval_mode="sliding", total_ratio=0.5)
-TOY = dict(init="scratch", batch_size=2, lr=0.02, epochs=5, sample_epochs=[1, 2, 3], epoch_iters=40,
+TOY = dict(init="toy", batch_size=2, lr=0.02, epochs=5, sample_epochs=[1, 2, 3], epoch_iters=40,
            warmup=20, min_kept=2000, save_every=40, out="runs/ssada/ssada", full_res=0, eval_mode="whole",
            total_ratio=0.05)
 

@@ -52,7 +52,7 @@ from ssada.test import evaluate_sliding
 PAPER = dict(init=None, iters=2000, batch_size=1, lr=0.5e-5, source_iters=0, source_batch_size=8,
              source_lr=0.01, freeze_bn=1, eval_every=200, save_every=200, out="runs/ssada/tufl",
              crop_size=(640, 1280), aug="tufl", eval_mode="sliding")
-TOY = dict(init="scratch", iters=150, batch_size=2, lr=0.0005, source_iters=300, source_batch_size=4,
+TOY = dict(init="toy", iters=150, batch_size=2, lr=0.0005, source_iters=300, source_batch_size=4,
            source_lr=0.002, freeze_bn=0, eval_every=150, save_every=150, out="runs/ssada/tufl",
            aug="resize", eval_mode="whole")
 

@@ -49,8 +49,16 @@ def test_pretrained_state_loads_into_every_toy_backbone(tmp_path):
     load_backbone_weights(net, str(path))
 
 
+def test_init_toy_is_scratch_on_v2(monkeypatch):
+    monkeypatch.setenv("SEGDA_TOY_VERSION", "2")
+    args = argparse.Namespace(source="toy", target="toy", init=None, iters=None, stop_iter=None)
+    cli.fill_defaults(args, dict(init="toy", iters=5), dict(init=None, iters=10))
+    assert args.init == "scratch"
+
+
 def test_init_toy_resolves_to_the_cached_file_without_training(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGDA_DATA", str(tmp_path))
+    monkeypatch.setenv("SEGDA_TOY_VERSION", "3")
     path = TB.backbone_path()
     path.parent.mkdir(parents=True)
     torch.save({"marker": torch.zeros(1)}, path)
