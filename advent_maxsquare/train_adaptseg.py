@@ -129,7 +129,24 @@ def discriminator_loss(discs, pred, domain_label, gan="vanilla"):
     """sum_l 0.5 * L_adv(D_l(P_l.detach()), label of the domain P came from). Each level's D sees its
     own level (seed 003's code gave D2 D1's output and labelled the target step 'source')."""
     return sum(0.5 * gan_loss(discs[l](discriminator_input(pred[l].detach())), domain_label, gan) for l in discs)
+
+@torch.no_grad()
+def discriminator_accuracy(discs, pred, pred_t, gan="vanilla"):
+    """Diagnostic, not a loss: the share of D's patch outputs on the right side of its decision boundary
+    (above 0 (BCE logits; 0.5 for ls) = target), source and target maps weighted equally, averaged over
+    the levels. 50% = D cannot tell the domains' output maps apart; near 100% = they are still separable."""
+    thr = 0.5 if gan == "ls" else 0.0
+    acc = [0.5 * ((discs[l](discriminator_input(pred[l])).float() <= thr).float().mean()
+                  + (discs[l](discriminator_input(pred_t[l])).float() > thr).float().mean()) for l in discs]
+    return float(torch.stack(acc).mean())
+
 # ---- end of method's losses -------------------------------------------------------------------------
+
+
+def last_quarter(pairs, total):
+    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
+    vals = [v for i, v in pairs if i >= 0.75 * total]
+    return round(sum(vals) / len(vals), 4) if vals else None
 
 
 def upsample(pred, size, levels):
@@ -209,6 +226,7 @@ def main(args):
 
     # ---- training loop ---------------------------------------------------------------------------
     t0 = time.time()
+    dom_accs = []  # (iter, discriminator accuracy) at the logged iterations of this process's run
     for it in range(start, args.stop_iter):
         lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it, args.iters))
         if opt_d is not None:
@@ -252,6 +270,9 @@ def main(args):
             scaler.step(opt_d)
         scaler.update()
         if it % 20 == 0 or it + 1 == args.stop_iter:
+            if discs:  # diagnostic: can D still tell the domains apart? (final.json reports the last quarter)
+                logs["dom_acc"] = discriminator_accuracy(discs, pred, pred_t, args.gan)
+                dom_accs.append((it, logs["dom_acc"]))
             log.log({"iter": it, "lr": lr, "loss": loss.item(), "loss_main": loss_main.item(), **logs,
                      "s_per_iter": (time.time() - t0) / (it - start + 1)})
 
@@ -285,7 +306,8 @@ def main(args):
     if rank == 0:
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter,
-                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
+                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
+                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

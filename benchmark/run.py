@@ -9,7 +9,18 @@ memory) as Markdown, JSON and a bar chart PNG.
     python benchmark/run.py --list --methods mada   # what would run (rows, steps, recorded time per seed)
     python benchmark/run.py --report                # the table of what has finished in benchmark/out; runs nothing
     python benchmark/run.py --report --publish      # ... written to the committed benchmark/results.* instead
+    python benchmark/run.py --jobs 2                # two 1-thread steps at once: the measured fastest on 2 cores
+    python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations)
+    python benchmark/run.py --toy-version 2         # the table before issue 17 (benchmark/results_v2.*)
     OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
+
+Toy domains: v3 by default (common/README.md "Toy domains v3": a per-image / per-instance appearance shift that
+target BN statistics cannot absorb, a hard city, label shift), every step run with SEGDA_TOY_VERSION=3 and the
+DeepLab/BiSeNet backbones initialised from the toy backbone pre-trained once on texture mosaics
+(common/toy_backbone.py, ~25 min on 2 cores the first time, then cached). A row's result counts only for the toy
+version it was run on (bench.json records it). Mechanism diagnostics of every finished row (target entropy,
+rare-class IoU, discriminator accuracy, what the active selectors picked) go to <row>/diagnostics.json and to a
+second table under the results.
 
 What is written where: every step's run folder under benchmark/out/seed<N>/ (--out), each row's log (the scripts'
 output) in benchmark/out/seed<N>/<row>/log.txt and its time and memory in bench.json there; the table at the end in
@@ -48,6 +59,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MACHINE = None  # set in main()
+STEP_ENV = None  # the steps' environment, set in main() (toy version, threads); None = this process's
 # The committed table (.md/.json/.png): written only with --publish; runs write OUT/results.* otherwise.
 PUBLISHED = ROOT / "benchmark" / "results"
 
@@ -67,12 +79,13 @@ PIPELINES = [
         ("{py} advent_maxsquare/test.py --checkpoint {base}/oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- precision parity (fast-by-default issue): the same two rows trained in fp32 eager ----
-    dict(name="Source only (fp32 eager, parity)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="Source only (fp32 eager, parity)", method="advent_maxsquare", labels="none", extra=True, steps=[
         ("{py} advent_maxsquare/train_source.py --amp off --seed {seed} --out {base}/source_fp32",
          "{base}/source_fp32/final.json"),
         ("{py} advent_maxsquare/test.py --amp off --checkpoint {base}/source_fp32/model.pth --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="Oracle (fp32 eager, parity)", method="advent_maxsquare", labels="100% (all target train)", steps=[
+    dict(name="Oracle (fp32 eager, parity)", method="advent_maxsquare", labels="100% (all target train)", extra=True,
+         steps=[
         ("{py} advent_maxsquare/train_source.py --amp off --source toy_cityscapes --seed {seed} "
          "--out {base}/oracle_fp32", "{base}/oracle_fp32/final.json"),
         ("{py} advent_maxsquare/test.py --amp off --checkpoint {base}/oracle_fp32/model.pth --split test "
@@ -134,7 +147,8 @@ PIPELINES = [
          "--out {base}/mada/oracle", "{base}/mada/oracle/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MADA stage 1 (5% images, CE)", method="mada", labels="5% of target images (20)", steps=[
+    dict(name="MADA stage 1 (5% images, CE)", method="mada", labels="5% of target images (20)",
+         selection=("mada", "{base}/mada/select_mada"), steps=[
         ("{py} mada/warmup.py --seed {seed} --out {base}/mada/warmup", "{base}/mada/warmup/final.json"),
         ("{py} mada/save_features.py --domain source --checkpoint {base}/mada/warmup/model.pth "
          "--out {base}/mada/features/source_warmup", "{base}/mada/features/source_warmup/final.json"),
@@ -161,7 +175,7 @@ PIPELINES = [
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # Ablation (issue 14): absent classes masked out of the anchor distance instead of upstream's zero rows.
     dict(name="MADA stage 1, absent classes masked (ablation)", method="mada", labels="5% of target images (20)",
-         steps=[
+         extra=True, steps=[
         ("{py} mada/cluster_anchors.py --seed {seed} --absent mask --features {base}/mada/features/source_warmup "
          "--out {base}/mada/anchors/source_warmup_mask", "{base}/mada/anchors/source_warmup_mask/final.json"),
         ("{py} mada/select_active.py --criterion mada --absent mask --features {base}/mada/features/target_warmup "
@@ -173,7 +187,7 @@ PIPELINES = [
         ("{py} mada/test.py --checkpoint {base}/mada/stage1_mada_mask/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="MADA stage 2, absent classes masked (ablation)", method="mada", labels="5% of target images (20)",
-         steps=[
+         extra=True, steps=[
         ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada_mask/model.pth "
          "--out {base}/mada/features/target_stage1_mada_mask", "{base}/mada/features/target_stage1_mada_mask/final.json"),
         ("{py} mada/cluster_anchors.py --seed {seed} --absent mask --features {base}/mada/features/target_stage1_mada_mask "
@@ -183,7 +197,8 @@ PIPELINES = [
          "--out {base}/mada/stage2_mada_mask", "{base}/mada/stage2_mada_mask/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada_mask/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MADAv2 step 1 (5% images, CE)", method="mada", labels="5% of target images (20)", steps=[
+    dict(name="MADAv2 step 1 (5% images, CE)", method="mada", labels="5% of target images (20)",
+         selection=("mada", "{base}/mada/select_madav2"), steps=[
         ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_warmup "
          "--out {base}/mada/anchors/target_warmup", "{base}/mada/anchors/target_warmup/final.json"),
         ("{py} mada/select_active.py --criterion madav2 --features {base}/mada/features/target_warmup "
@@ -204,7 +219,8 @@ PIPELINES = [
          "--out {base}/mada/stage2_semi_madav2", "{base}/mada/stage2_semi_madav2/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/stage2_semi_madav2/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="Random 5% images + MADA stage 1", method="mada", labels="5% of target images (20, random)", steps=[
+    dict(name="Random 5% images + MADA stage 1", method="mada", labels="5% of target images (20, random)",
+         selection=("mada", "{base}/mada/select_random"), steps=[
         ("{py} mada/select_active.py --criterion random --seed {seed} --features {base}/mada/features/target_warmup "
          "--out {base}/mada/select_random", "{base}/mada/select_random/final.json"),
         ("{py} mada/train_stage1.py --seed {seed} --init-from {base}/mada/warmup/model.pth "
@@ -230,7 +246,8 @@ PIPELINES = [
          "--out {base}/d2ada_oracle", "{base}/d2ada_oracle/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="D2ADA (5 rounds, 5% target pixels)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+    dict(name="D2ADA (5 rounds, 5% target pixels)", method="d2ada", labels="5% of target pixels (regions)",
+         selection=("d2ada", "{base}/d2ada_ada"), steps=[
         ("{py} d2ada/train_ada.py --seed {seed} --init-from {base}/d2ada_warmup/model.pth --out {base}/d2ada_ada",
          "{base}/d2ada_ada/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_ada/model.pth --split test --out {run}/eval",
@@ -238,19 +255,21 @@ PIPELINES = [
     *[dict(name=f"D2ADA after round {r} ({r}% target pixels)", method="d2ada", labels=f"{r}% of target pixels",
            steps=[("{py} d2ada/test.py --checkpoint {base}/d2ada_ada/checkpoint%02d.pth --split test --out {run}/eval" % r,
                    "{run}/eval/final.json")], result="{run}/eval/final.json") for r in (1, 2, 3, 4)],
-    dict(name="D2ADA baseline: random regions (5%)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+    dict(name="D2ADA baseline: random regions (5%)", method="d2ada", labels="5% of target pixels (regions)",
+         selection=("d2ada", "{base}/d2ada_random"), steps=[
         ("{py} d2ada/train_ada.py --selection random --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_random", "{base}/d2ada_random/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_random/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)", steps=[
+    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)",
+         selection=("d2ada", "{base}/d2ada_uncertainty"), steps=[
         ("{py} d2ada/train_ada.py --selection uncertainty --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_uncertainty", "{base}/d2ada_uncertainty/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_uncertainty/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # Ablation (ours, issue 14): the class-conditional densities fitted on a 32-d PCA of the region features.
     dict(name="D2ADA ablation (ours): density on a 32-d PCA (5%)", method="d2ada",
-         labels="5% of target pixels (regions)", steps=[
+         labels="5% of target pixels (regions)", extra=True, steps=[
         ("{py} d2ada/train_ada.py --density-pca 32 --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_pca32", "{base}/d2ada_pca32/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_pca32/model.pth --split test --out {run}/eval",
@@ -323,32 +342,38 @@ PIPELINES = [
          "{base}/ssada_source/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_source/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: Entropy-IoU 5%", method="ssada", labels="5% of target images", steps=[
+    dict(name="SS-ADA: Entropy-IoU 5%", method="ssada", labels="5% of target images",
+         selection=("ssada", "{base}/ssada_entropy_iou_5"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.05 --seed {seed} --out {base}/ssada_entropy_iou_5",
          "{base}/ssada_entropy_iou_5/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_5/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: Entropy-IoU 10%", method="ssada", labels="10% of target images", steps=[
+    dict(name="SS-ADA: Entropy-IoU 10%", method="ssada", labels="10% of target images",
+         selection=("ssada", "{base}/ssada_entropy_iou_10"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.1 --seed {seed} --out {base}/ssada_entropy_iou_10",
          "{base}/ssada_entropy_iou_10/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_10/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images", steps=[
+    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images",
+         selection=("ssada", "{base}/ssada_entropy_iou_25"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.25 --seed {seed} --out {base}/ssada_entropy_iou_25",
          "{base}/ssada_entropy_iou_25/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_25/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: random 5%", method="ssada", labels="5% of target images", steps=[
+    dict(name="SS-ADA: random 5%", method="ssada", labels="5% of target images",
+         selection=("ssada", "{base}/ssada_random_5"), steps=[
         ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.05 --seed {seed} --out {base}/ssada_random_5",
          "{base}/ssada_random_5/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_random_5/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: random 10%", method="ssada", labels="10% of target images", steps=[
+    dict(name="SS-ADA: random 10%", method="ssada", labels="10% of target images",
+         selection=("ssada", "{base}/ssada_random_10"), steps=[
         ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.1 --seed {seed} --out {base}/ssada_random_10",
          "{base}/ssada_random_10/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_random_10/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: random 25%", method="ssada", labels="25% of target images", steps=[
+    dict(name="SS-ADA: random 25%", method="ssada", labels="25% of target images",
+         selection=("ssada", "{base}/ssada_random_25"), steps=[
         ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.25 --seed {seed} --out {base}/ssada_random_25",
          "{base}/ssada_random_25/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_random_25/model.pth --split test --out {run}/eval",
@@ -621,7 +646,8 @@ def run_step(cmd, log_path, progress=None):
     with open(log_path, "a") as log:
         log.write(f"\n$ {cmd}\n")
         log.flush()
-        proc = subprocess.Popen(shlex.split(cmd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        proc = subprocess.Popen(shlex.split(cmd), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, process_group=0,
+                                env=STEP_ENV)
         if progress is not None:
             progress.procs.add(proc.pid)
         try:
@@ -653,6 +679,7 @@ def run_pipeline(p, seed, out, progress=None):
     run.mkdir(parents=True, exist_ok=True)
     stats_file = run / "bench.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": 0.0, "peak_mib": 0.0}
+    stats["toy_version"] = int((STEP_ENV or os.environ).get("SEGDA_TOY_VERSION", 2))
     key = (p["name"], seed)
     whole, ok = not any(Path(done.format(**fmt)).exists() for _, done in p["steps"]), False
     try:
@@ -673,6 +700,7 @@ def run_pipeline(p, seed, out, progress=None):
             stats["seconds"] += sec
             stats["peak_mib"] = max(stats["peak_mib"], mib)
             stats["machine"] = MACHINE
+            stats["threads"] = (STEP_ENV or os.environ).get("OMP_NUM_THREADS")
             stats_file.write_text(json.dumps(stats))
         ok = True
     finally:
@@ -763,11 +791,12 @@ def run_parallel(chosen, seeds, out, jobs, progress=None):
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------
-def recorded_times(out):
-    """Per-row wall time of one seed (seconds) and the machine it was measured on: from the published table, then
-    from this output folder's own table (runs on this machine) where it has the row."""
+def recorded_times(out, version=3):
+    """Per-row wall time of one seed (seconds) and the machine it was measured on: from the published table of this
+    toy version, then from this output folder's own table (runs on this machine) where it has the row."""
     times = {}
-    for path in (PUBLISHED.with_suffix(".json"), out / "results.json"):
+    published = PUBLISHED if version == 3 else PUBLISHED.with_name("results_v2")
+    for path in (published.with_suffix(".json"), out / "results.json"):
         try:
             rows = json.loads(path.read_text()) if path.exists() else []
         except ValueError:
@@ -861,8 +890,48 @@ REFS = {"advent_maxsquare": ("Source only", "Oracle (target labels)"),
         "tufl": ("TUFL: source only (toy CS->CrossCity)", None)}
 
 
-def collect(p, seed, out):
-    """The finished result of one pipeline-seed on disk, or None."""
+# The classes of toy v3's label shift (common/toy.py, DOMAINS_V3: several times more frequent in the targets than
+# in the GTA5-style source, riders and bikes near-absent there): "rare-class IoU" is their mean IoU.
+RARE = ("person", "rider", "truck", "bus", "motorcycle", "bicycle")
+
+
+def diagnostics(p, fmt, res, version=2):
+    """The mechanism diagnostics of one finished pipeline-seed (written to its diagnostics.json):
+    target_entropy: mean normalised prediction entropy on the evaluated split (common/evaluate.py);
+    rare_iou: mean IoU of RARE (those of them in the label space); dom_acc: the discriminator's accuracy over the
+    last quarter of training (last gate window for ADDA), read from the training run's final.json, for the
+    adversarial rows; and for the active rows (p["selection"]) benchmark/selection_histogram.py's
+    selection_stats: the selected pixels' class-share distance from the target's, their share of RARE classes
+    and the share drawn from toy v3's hard city, each beside the target split's own value."""
+    last = res.get("last", {})
+    per = last.get("per_class", {})
+    rare = [per[c] for c in RARE if per.get(c) is not None]
+    d = {"target_entropy": last.get("confidence", {}).get("mean_entropy"),
+         "rare_iou": round(sum(rare) / len(rare), 2) if rare else None}
+    ckpt = re.search(r"--checkpoint\s+(\S+)", p["steps"][-1][0])
+    if ckpt and "--ensemble" not in p["steps"][-1][0]:
+        train_final = Path(ckpt.group(1).format(**fmt)).parent / "final.json"
+        if train_final.exists():
+            diag = json.loads(train_final.read_text()).get("diagnostics") or {}
+            acc = diag.get("dom_acc_last_quarter", diag.get("dom_acc_last_window"))
+            if acc is not None:
+                d["dom_acc"] = acc
+    if p.get("selection"):
+        from benchmark.selection_histogram import selection_stats
+        from common.labels import class_names
+        from common.toy import toy_root
+        kind, folder = p["selection"]
+        names = class_names(19)
+        stats = selection_stats(folder.format(**fmt), kind, toy_root(version=version) / "toy_cityscapes",
+                                rare=[names.index(c) for c in RARE])
+        if stats:
+            d.update(stats)
+    return d
+
+
+def collect(p, seed, out, version=None):
+    """The finished result of one pipeline-seed on disk, or None (also when it was run on another toy version than
+    `version`). Its diagnostics are computed once and kept in the row's diagnostics.json."""
     fmt = fmt_of(p, seed, out)
     res = Path(p["result"].format(**fmt))
     if not res.exists():
@@ -870,18 +939,28 @@ def collect(p, seed, out):
     stats_file = fmt["run"] / "bench.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"seconds": float("nan"), "peak_mib": 0}
     stats.setdefault("machine", "2 CPU cores")  # rows measured before machines were recorded: the project's machine
-    return {"mIoU": json.loads(res.read_text())["mIoU"], **stats}
+    stats.setdefault("toy_version", 2)  # rows measured before toy v3
+    if version is not None and stats["toy_version"] != version:
+        return None
+    result = json.loads(res.read_text())
+    diag_file = fmt["run"] / "diagnostics.json"
+    if diag_file.exists() and diag_file.stat().st_mtime >= res.stat().st_mtime:
+        diag = json.loads(diag_file.read_text())
+    else:
+        diag = diagnostics(p, fmt, result, stats["toy_version"])
+        diag_file.write_text(json.dumps(diag, indent=1))
+    return {"mIoU": result["mIoU"], **stats, "diagnostics": diag}
 
 
 def seeds_on_disk(out):
     return sorted(int(d.name[4:]) for d in Path(out).glob("seed*") if d.name[4:].isdigit())
 
 
-def table(out, seeds):
-    """One row per pipeline with at least one finished seed among `seeds` in OUT."""
+def table(out, seeds, version=None, pipelines=None):
+    """One row per pipeline with at least one finished seed among `seeds` in OUT (run on toy `version`)."""
     rows = []
-    for p in PIPELINES:
-        per_seed = {s: r for s in seeds if (r := collect(p, s, out)) is not None}
+    for p in pipelines or PIPELINES:
+        per_seed = {s: r for s in seeds if (r := collect(p, s, out, version)) is not None}
         if not per_seed:
             continue
         m = [r["mIoU"] for r in per_seed.values()]
@@ -892,23 +971,56 @@ def table(out, seeds):
                      "seconds": statistics.mean(secs) if secs else float("nan"),
                      "peak_mib": max(r["peak_mib"] for r in per_seed.values()), "per_seed": m,
                      "machine": " / ".join(sorted({r["machine"] for r in per_seed.values()})),
+                     "toy_version": per_seed[min(per_seed)]["toy_version"],
+                     "diagnostics": mean_diagnostics([r["diagnostics"] for r in per_seed.values()]),
                      "ref": p.get("ref", p["method"])})
     return rows
 
 
-def report(out, seeds, dest):
+def mean_diagnostics(ds):
+    """Per-key mean over seeds of the diagnostics dicts (keys with a value in at least one seed)."""
+    keys = {k for d in ds for k, v in d.items() if v is not None}
+    return {k: round(statistics.mean(d[k] for d in ds if d.get(k) is not None), 4) for k in sorted(keys)}
+
+
+def diagnostics_table(rows):
+    """Markdown: the mechanism diagnostics of the rows that have them (means over seeds)."""
+    cols = [("target_entropy", "target entropy", 1), ("rare_iou", "rare-class IoU", 0),
+            ("dom_acc", "D accuracy (end)", 1), ("class_tv", "selected: class TV", 1),
+            ("rare_share", "selected: rare-class pixels", 1), ("hard_share", "selected: from hard city", 1)]
+    lines = ["| row | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in rows:
+        d = r.get("diagnostics") or {}
+        if not d:
+            continue
+        cell = []
+        for k, _, pct in cols:
+            v = d.get(k)
+            if v is None:
+                cell.append("")
+            elif k in ("rare_share", "hard_share") and d.get(k + "_target") is not None:
+                cell.append(f"{100 * v:.0f}% (target {100 * d[k + '_target']:.0f}%)")
+            else:
+                cell.append(f"{100 * v:.0f}%" if pct else f"{v:.1f}")
+        lines.append(f"| {r['name']} | " + " | ".join(cell) + " |")
+    return "\n".join(lines)
+
+
+def report(out, seeds, dest, version=None):
     """Aggregate the finished results in OUT (of the seeds given: every seed<N> there after a run, and for --report
     unless --seeds is given) into DEST.md/.json/.png.
     Publishing (DEST = the committed benchmark/results) replaces the published rows this run has and keeps the
     others. Nothing finished: says so and writes nothing. Returns whether a table was written."""
-    rows = table(out, seeds)
+    rows = table(out, seeds, version)
     if not rows:
         print(f"[bench] no finished row in {rel(out)} for seed(s) {seeds}: nothing written "
               f"(the published table is {rel(PUBLISHED)}.md)", flush=True)
         return False
-    if dest == PUBLISHED and PUBLISHED.with_suffix(".json").exists():
+    publishing = dest.parent == PUBLISHED.parent  # benchmark/results (v3) or benchmark/results_v2
+    if publishing and dest.with_suffix(".json").exists():
         new = {r["name"] for r in rows}
-        old = {r["name"]: r for r in json.loads(PUBLISHED.with_suffix(".json").read_text())}
+        old = {r["name"]: r for r in json.loads(dest.with_suffix(".json").read_text())
+               if r.get("toy_version", 2) == rows[0].get("toy_version", 2)}
         kept = [n for n in old if n not in new and any(p["name"] == n for p in PIPELINES)]
         dropped = [n for n in old if not any(p["name"] == n for p in PIPELINES)]
         order = {p["name"]: i for i, p in enumerate(PIPELINES)}
@@ -935,13 +1047,23 @@ def report(out, seeds, dest):
         peak = "n/a" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f} MiB"
         lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} "
                      f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {peak} | {r['machine']} |")
+    versions = sorted({r.get("toy_version", 2) for r in rows})
     md = "\n".join(lines) + (
-        f"\n\nSeeds: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
+        f"\n\nToy domains v{'/'.join(map(str, versions))}. "
+        f"Seeds: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
         "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada and d2ada; the MADAN and "
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
         f"row count once, there); wall times compare only between rows of the same machine (rows run with --jobs "
         "shared that machine with other rows).\n")
+    if any(r.get("diagnostics") for r in rows):
+        md += ("\nMechanism diagnostics (means over the seeds; `diagnostics.json` in each row's folder): target "
+               "entropy = mean normalised prediction entropy on the evaluated split; rare-class IoU = mean IoU of "
+               f"{', '.join(RARE)} (toy v3's label-shift classes); D accuracy = the discriminator's accuracy on "
+               "source vs target output maps over the last quarter of training (50% = it cannot tell them apart); "
+               "selected: the labelled pixels an active selector chose (total-variation distance of their class "
+               "shares from the target train split's; their share of the rare classes; the share from the hard "
+               "city), beside the target split's own value.\n\n" + diagnostics_table(rows) + "\n")
     dest.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".md", md), (".json", json.dumps(rows, indent=2))):
         tmp = dest.with_name(dest.name + suffix + ".tmp")
@@ -950,7 +1072,7 @@ def report(out, seeds, dest):
     bar_chart(rows, str(dest) + ".png")
     print(md)
     print(f"[bench] table written: {rel(dest)}.md, .json, .png"
-          + (" (published)" if dest == PUBLISHED else f"; the published {rel(PUBLISHED)}.md is unchanged "
+          + (" (published)" if publishing else f"; the published {rel(PUBLISHED)}.md is unchanged "
              "(--publish updates it)"), flush=True)
     return True
 
@@ -973,7 +1095,15 @@ def main(argv=None):
     ap.add_argument("--publish", action="store_true", help="write the table to the committed benchmark/results.md, "
                     ".json and .png instead of OUT/results.*: the rows found in OUT replace the published rows of "
                     "the same name, the other published rows are kept")
-    ap.add_argument("--jobs", type=int, default=1, help="pipeline-seeds run at once (see the docstring)")
+    ap.add_argument("--jobs", type=int, default=1, help="pipeline-seeds run at once (see the docstring); each step "
+                    "gets OMP_NUM_THREADS = CPU cores // jobs unless OMP_NUM_THREADS is set (on 2 cores, --jobs 2 "
+                    "runs two 1-thread steps: about twice the throughput of one 2-thread step for these small nets)")
+    ap.add_argument("--toy-version", type=int, default=3, choices=(2, 3), help="the toy domains the rows run on "
+                    "(SEGDA_TOY_VERSION for every step; default 3, the published table; 2 = the table before issue "
+                    "17, published as benchmark/results_v2.*). A row's result counts only for its own version")
+    ap.add_argument("--extra", action="store_true", help="also run the extra rows (precision parity, ablations: "
+                    "marked extra in PIPELINES), which the default table leaves out to keep a seed under 40 "
+                    "minutes on 2 cores; --only runs a named extra row without it")
     ap.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines when the "
                     "output is not a terminal (on a terminal the progress lines are redrawn every second)")
     ap.add_argument("--list", action="store_true", help="print the chosen rows (with --methods/--only), their steps, "
@@ -993,21 +1123,27 @@ def main(argv=None):
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
     chosen = [p for p in PIPELINES if (args.only is None or p["name"] in args.only)
-              and (args.methods is None or p["method"] in args.methods)]
+              and (args.methods is None or p["method"] in args.methods)
+              and (args.extra or args.only is not None or not p.get("extra"))]
+    global STEP_ENV
+    STEP_ENV = {**os.environ, "SEGDA_TOY_VERSION": str(args.toy_version)}  # every step reads this version
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        STEP_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     out = (ROOT / args.out).resolve()
-    dest = PUBLISHED if args.publish else out / "results"
-    times = recorded_times(out)
+    published = PUBLISHED if args.toy_version == 3 else PUBLISHED.with_name("results_v2")
+    dest = published if args.publish else out / "results"
+    times = recorded_times(out, args.toy_version)
     if args.list:
         found = seeds_on_disk(out)
         for p in chosen:
             t = f"~{human(times[p['name']][0])}/seed ({times[p['name']][1]})" if p["name"] in times else "no recorded time"
-            fin = [s for s in found if collect(p, s, out) is not None]
+            fin = [s for s in found if collect(p, s, out, args.toy_version) is not None]
             print(f"{p['name']:48s} [{p['method']}] {len(p['steps'])} steps, {t}"
                   + (f", finished in {rel(out)}: seeds {fin}" if fin else ""))
         print(f"{len(chosen)} of {len(PIPELINES)} rows")
         return 0
     if args.report:
-        return 0 if report(out, args.seeds or seeds_on_disk(out), dest) else 1
+        return 0 if report(out, args.seeds or seeds_on_disk(out), dest, args.toy_version) else 1
     seeds = args.seeds or [0]
     global MACHINE
     MACHINE = machine()
@@ -1027,7 +1163,7 @@ def main(argv=None):
                          f"`python benchmark/run.py --report` makes the table of what has finished.")
         return code
     print(f"[bench] ran {len(chosen)} row(s) x {len(seeds)} seed(s) in {human(time.time() - t_all)}", flush=True)
-    report(out, seeds_on_disk(out), dest)
+    report(out, seeds_on_disk(out), dest, args.toy_version)
     return 0 if ok else 1
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import labels as L  # noqa: E402
+from common.toy import toy_root  # noqa: E402
 
 NAMES = L.class_names(19)
 
@@ -54,7 +55,7 @@ def image_selectors(out, seeds):
                       for r in f.read_text().split()]
             if picked:
                 cfg = json.loads((d / "config.json").read_text())
-                root = cfg.get("target_root") or str(ROOT / "data" / "toy" / "toy_cityscapes")
+                root = cfg.get("target_root") or str(toy_root() / "toy_cityscapes")
                 found.setdefault(d.name, []).append((root, picked))
     return found
 
@@ -73,7 +74,7 @@ def region_selectors(out, seeds):
             if not lists:
                 continue
             cfg = json.loads((Path(out) / f"seed{s}" / run / "config.json").read_text())
-            root = cfg.get("target_root") or str(ROOT / "data" / "toy" / "toy_cityscapes")
+            root = cfg.get("target_root") or str(toy_root() / "toy_cityscapes")
             found.setdefault(name, []).append((root, json.loads(lists[-1].read_text())["trg_label_suppix"]))
     return found
 
@@ -90,6 +91,63 @@ def print_table(title, rows, tgt_share):
     tv = {n: 0.5 * np.abs(rows[n] - tgt_share).sum() for n in names}
     print("\nTotal-variation distance of the selected class shares from the target's: "
           + ", ".join(f"{n} {100 * v:.1f}%" for n, v in tv.items()) + "\n")
+
+
+_TARGET_CACHE = {}
+
+
+def target_stats(root):
+    """(per-image train-id maps, class shares, hard-city image set) of a toy target's train split, cached."""
+    root = str(root)
+    if root not in _TARGET_CACHE:
+        lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
+        imgs = sorted(str(q.relative_to(root)) for q in (Path(root) / "leftImg8bit" / "train").rglob("*.png"))
+        cache = {r: train_ids(label_path(root, r), lut) for r in imgs}
+        tgt = sum(class_hist(v) for v in cache.values())
+        hard_file = Path(root) / "hard.txt"  # toy v3 only: the hard city's image names
+        hard_names = set(hard_file.read_text().split()) if hard_file.exists() else set()
+        hard = {r for r in imgs if Path(r).name in hard_names}
+        _TARGET_CACHE[root] = (cache, tgt / tgt.sum(), hard)
+    return _TARGET_CACHE[root]
+
+
+def selection_stats(run_dir, kind, root, rare=()):
+    """Mechanism diagnostics of one active run, after the fact (ground truth used only here):
+    class_tv: total-variation distance between the class shares of the selected labelled pixels and the target
+    train split's; rare_share / rare_share_target: the share of those pixels in the classes `rare` (train ids),
+    selected vs the whole split; hard_share / hard_share_target: the share of the selected images (region
+    selectors: of the selected pixels) from the hard city (toy v3's hard.txt), vs the split's share.
+    kind: 'mada' (select_*/selected.txt), 'ssada' (rounds 1.. of an SS-ADA run: what its acquisition picked,
+    not the initial random draw), 'd2ada' (the regions of the last datalist). None when nothing is found."""
+    run_dir = Path(run_dir)
+    cache, tgt_share, hard = target_stats(root)
+    h, n_hard, n = np.zeros(19), 0.0, 0.0
+    if kind == "d2ada":
+        lists = sorted(run_dir.glob("datalist_*.json"))
+        if not lists:
+            return None
+        from d2ada.regions import read_superpixel
+        for rel, ids in json.loads(lists[-1].read_text())["trg_label_suppix"].items():
+            m = np.isin(read_superpixel(root, Path(root) / rel), ids)
+            h += class_hist(cache[rel][m])
+            k = float(m.sum())
+            n += k
+            n_hard += k if rel in hard else 0.0
+    else:
+        files = ([run_dir / "selected.txt"] if kind == "mada" else
+                 [q for q in sorted(run_dir.glob("rounds/round_*/selected.txt")) if "init" not in q.parent.name])
+        rel = [r for q in files if q.exists() for r in q.read_text().split()]
+        if not rel:
+            return None
+        h = sum(class_hist(cache[r]) for r in rel)
+        n, n_hard = float(len(rel)), float(sum(r in hard for r in rel))
+    share = h / max(h.sum(), 1)
+    rare = list(rare)
+    return {"class_tv": round(float(0.5 * np.abs(share - tgt_share).sum()), 4),
+            "rare_share": round(float(share[rare].sum()), 4) if rare else None,
+            "rare_share_target": round(float(tgt_share[rare].sum()), 4) if rare else None,
+            "hard_share": round(n_hard / n, 4) if hard and n else None,
+            "hard_share_target": round(len(hard) / len(cache), 4) if hard else None}
 
 
 def main():

@@ -86,6 +86,12 @@ def warm_lr(base, it, iters, warmup_iters):
     return rt.poly_lr(base, it, iters) * min(1.0, (it + 1) / max(1, warmup_iters))
 
 
+def last_quarter(pairs, total):
+    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
+    vals = [v for i, v in pairs if i >= 0.75 * total]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -135,6 +141,7 @@ def main(args):
 
     # ---- training loop ---------------------------------------------------------------------------
     t0 = time.time()
+    dom_accs = []  # (iter, discriminator accuracy) of this process's run (UDA warm-up only)
     for it in range(start, args.stop_iter):
         lr = rt.set_lr(optimizer, warm_lr(args.lr, it, args.iters, args.warmup_iters))
         batch = next(batches)
@@ -171,6 +178,9 @@ def main(args):
             loss_d.backward()
             opt_d.step()
             rec["loss_d"] = loss_d.item()
+            # diagnostic: D's accuracy on this step's patches (logit > 0 = target); 50% = domains inseparable
+            rec["dom_acc"] = 0.5 * ((d_s <= 0).float().mean() + (d_t > 0).float().mean()).item()
+            dom_accs.append((it, rec["dom_acc"]))
         # -- end of method --
         scaler.step(optimizer)
         scaler.update()
@@ -204,7 +214,8 @@ def main(args):
     if rank == 0:
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter, "warmup": args.warmup,
-                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
+                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
+                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

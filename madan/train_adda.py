@@ -244,7 +244,9 @@ def main(args):
     if rank == 0:
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=it + 1)
         final = {"last": res, "best": best, "iters": it + 1, "g_updates": g_updates,
-                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
+                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
+                 # D's running accuracy over the last --gate-window steps, as a fraction (50% = inseparable)
+                 "diagnostics": {"dom_acc_last_window": round(gate.mean() / 100, 4) if gate.acc else None}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

@@ -74,6 +74,12 @@ def parse_args(argv=None):
     return args
 
 
+def last_quarter(pairs, total):
+    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
+    vals = [v for i, v in pairs if i >= 0.75 * total]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -120,18 +126,20 @@ def main(args):
 
     # ---- training loop ---------------------------------------------------------------------------
     t0 = time.time()
+    dom_accs = []  # (iter, domain classifiers' accuracy averaged over the sources) of this process's run
     for it in range(start, args.stop_iter):
         src = [next(b) for b in batches]
         xt = rt.to_device(next(tgt_batches)["image"], device, amp)
         # -- method: per-source task + reversed-gradient domain losses, soft-max aggregated --
         with rt.autocast(device, amp):
             _, feat_t = hook(model, xt)
-            tasks, doms = [], []
+            tasks, doms, accs = [], [], []
             for j, b in enumerate(src):
                 score_j, feat_j = hook(model, rt.to_device(b["image"], device, amp))
                 tasks.append(Lm.seg_ce(score_j, b["label"].to(device)))
-                doms.append(Lm.domain_ce(heads[j](feat_j, args.grl_lambda)[..., None, None], 1)
-                            + Lm.domain_ce(heads[j](feat_t, args.grl_lambda)[..., None, None], 0))
+                d_s, d_t = heads[j](feat_j, args.grl_lambda)[..., None, None], heads[j](feat_t, args.grl_lambda)[..., None, None]
+                doms.append(Lm.domain_ce(d_s, 1) + Lm.domain_ce(d_t, 0))
+                accs.append(Lm.domain_accuracy(d_s.detach(), d_t.detach()))  # diagnostic only
             loss = Lm.mdan_loss(tasks, doms, args.mu, args.gamma, args.mode)
         # -- end of method --
         optimizer.zero_grad(set_to_none=True)
@@ -140,9 +148,11 @@ def main(args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         torch.nn.utils.clip_grad_norm_(heads.parameters(), args.clip)
         optimizer.step()
+        dom_accs.append((it, sum(accs) / len(accs)))
         if it % 20 == 0 or it + 1 == args.stop_iter:
             log.log({"iter": it, "lr": args.lr, "loss": loss.item(), **{f"task_{s[0]}": t.item() for s, t in zip(sources, tasks)},
                      **{f"dom_{s[0]}": d.item() for s, d in zip(sources, doms)},
+                     **{f"dom_acc_{s[0]}": a for s, a in zip(sources, accs)},
                      "s_per_iter": (time.time() - t0) / (it - start + 1)})
 
         # ---- evaluate, checkpoint ---------------------------------------------------------------
@@ -173,7 +183,8 @@ def main(args):
     if rank == 0:
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter,
-                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
+                 "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
+                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

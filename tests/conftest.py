@@ -8,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The suite runs on toy v2 (no toy-backbone pre-training, ~25 min on 2 cores): a SEGDA_TOY_VERSION=3 left in the
+# shell must not change what the tests exercise. Tests of v3 set it themselves (monkeypatch) on small trees.
+os.environ["SEGDA_TOY_VERSION"] = "2"
 # Scripts run on the CPU (GPUs hidden) unless SEGDA_TEST_DEVICE=cuda, which smoke-tests the CUDA paths of every
 # script; bit-exact resume comparisons need deterministic kernels, so they are checked on the CPU only (EXACT).
 TEST_DEVICE = os.environ.get("SEGDA_TEST_DEVICE", "cpu")

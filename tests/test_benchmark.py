@@ -92,18 +92,19 @@ def _snapshot(folder):
 
 def test_report_on_a_fresh_tree_says_so_and_writes_nothing(tmp_path):
     import subprocess
-    committed = {s: (ROOT / f"benchmark/results{s}").read_bytes() for s in (".md", ".json", ".png")}
+    committed = {p.name: p.read_bytes() for p in (ROOT / "benchmark").glob("results*.*")}
     r = subprocess.run([sys.executable, "benchmark/run.py", "--report", "--out", str(tmp_path / "out")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "no finished row" in r.stdout and "nothing written" in r.stdout
     assert not (tmp_path / "out").exists()
-    assert {s: (ROOT / f"benchmark/results{s}").read_bytes() for s in committed} == committed
+    assert {p.name: p.read_bytes() for p in (ROOT / "benchmark").glob("results*.*")} == committed
 
 
 def test_a_run_writes_under_out_and_publishes_only_with_the_flag(tmp_path, monkeypatch, capsys):
     kept = {"name": "Fake other", "method": "other", "labels": "none", "n": 3, "seeds": [0, 1, 2], "mean": 5.0,
-            "std": 0.0, "seconds": 60.0, "peak_mib": 1.0, "per_seed": [5.0] * 3, "machine": "m", "ref": "other"}
+            "std": 0.0, "seconds": 60.0, "peak_mib": 1.0, "per_seed": [5.0] * 3, "machine": "m", "ref": "other",
+            "toy_version": 3}
     pub = _published(tmp_path, monkeypatch, [
         {**kept, "name": "Fake source", "method": "fake", "ref": "fake", "seconds": 120.0}, kept,
         {**kept, "name": "A row no longer in the benchmark"}])
@@ -136,9 +137,13 @@ def test_a_run_writes_under_out_and_publishes_only_with_the_flag(tmp_path, monke
 def test_list_honours_methods_and_only(monkeypatch, capsys):
     assert bench.main(["--list", "--methods", "mada"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    mada = [p["name"] for p in bench.PIPELINES if p["method"] == "mada"]
+    mada = [p["name"] for p in bench.PIPELINES if p["method"] == "mada" and not p.get("extra")]
     assert len(rows) == len(mada) + 1 and all("[mada]" in r for r in rows[:-1])
     assert rows[-1] == f"{len(mada)} of {len(bench.PIPELINES)} rows"
+    assert not any("ablation" in r for r in rows)  # extra rows: only with --extra (or named with --only)
+    assert bench.main(["--list", "--methods", "mada", "--extra"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == len([p for p in bench.PIPELINES if p["method"] == "mada"]) + 1
     assert bench.main(["--list", "--only", "Source only"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 2 and rows[0].startswith("Source only ")
