@@ -54,7 +54,7 @@ PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None,
              random_mirror=0, blur=0, freeze_bn="all",
              eval_every=2000, save_every=2000, out="runs/advent_maxsquare/advent")
 TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", init_from=SOURCE_CKPT, iters=300,
-           batch_size=8, lr=2.5e-3, lr_d=1e-4, multi=0, lambda_main=1e-2, lambda_aux=2e-3,
+           batch_size=4, lr=2.5e-3, lr_d=1e-4, multi=0, lambda_main=1e-2, lambda_aux=2e-3,
            random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/advent")
 

@@ -56,7 +56,7 @@ PAPER = dict(model="deeplabv2", backbone="resnet101", init=None, init_from=None,
              random_mirror=1, blur=1, freeze_bn="stem",
              eval_every=None, save_every=None, out="runs/advent_maxsquare/maxsquare")
 TOY = dict(model="deeplabv2", backbone="resnet18", init="toy", init_from=SOURCE_CKPT, iters=300,
-           round_num=0, epoch_each_round=2, batch_size=8, lr=2.5e-3, multi=0, lambda_target=0.1,
+           round_num=0, epoch_each_round=2, batch_size=4, lr=2.5e-3, multi=0, lambda_target=0.1,
            random_mirror=1, blur=1, freeze_bn="none",
            eval_every=100, save_every=100, out="runs/advent_maxsquare/maxsquare")
 

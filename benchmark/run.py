@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the diagnostics import benchmark/ and common/ (run as a script, only benchmark/ is)
+    sys.path.insert(0, str(ROOT))
 PY = sys.executable
 MACHINE = None  # set in main()
 STEP_ENV = None  # the steps' environment, set in main() (toy version, threads); None = this process's
@@ -261,7 +263,7 @@ PIPELINES = [
          "--out {base}/d2ada_random", "{base}/d2ada_random/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_random/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)",
+    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)", extra=True,
          selection=("d2ada", "{base}/d2ada_uncertainty"), steps=[
         ("{py} d2ada/train_ada.py --selection uncertainty --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_uncertainty", "{base}/d2ada_uncertainty/final.json"),
@@ -354,7 +356,7 @@ PIPELINES = [
          "{base}/ssada_entropy_iou_10/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_10/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images",
+    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images", extra=True,
          selection=("ssada", "{base}/ssada_entropy_iou_25"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.25 --seed {seed} --out {base}/ssada_entropy_iou_25",
          "{base}/ssada_entropy_iou_25/final.json"),
@@ -372,7 +374,7 @@ PIPELINES = [
          "{base}/ssada_random_10/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_random_10/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: random 25%", method="ssada", labels="25% of target images",
+    dict(name="SS-ADA: random 25%", method="ssada", labels="25% of target images", extra=True,
          selection=("ssada", "{base}/ssada_random_25"), steps=[
         ("{py} ssada/train_ssada.py --strategy random --total-ratio 0.25 --seed {seed} --out {base}/ssada_random_25",
          "{base}/ssada_random_25/final.json"),
