@@ -96,41 +96,49 @@ PIPELINES = [
     # Each starts from this seed's source-only model ({base}/source, built by "Source only" above).
     # AdaBN (no training): the source model with its BN statistics re-estimated on target train images. Every
     # adaptation script forwards target batches in train mode, so it gets this effect too.
-    dict(name="Source only + AdaBN (target BN statistics)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="Source only + AdaBN (target BN statistics)", method="advent_maxsquare", labels="none",
+         control="Source only", steps=[
         ("{py} advent_maxsquare/test.py --adabn --checkpoint {base}/source/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # The control every adaptation row must beat: the same script and schedule as the adaptation rows (300
     # iterations from the source model, target batches forwarded in train mode so BN sees them) with the target
     # loss weighted 0: same budget, same BN effect, no adaptation loss.
-    dict(name="Source only, continued (control)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="Source only, continued (control)", method="advent_maxsquare", labels="none",
+         control="Source only", steps=[
         ("{py} advent_maxsquare/train_maxsquare.py --lambda-target 0 --seed {seed} "
          "--init-from {base}/source/model.pth --out {base}/source_continued", "{base}/source_continued/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/source_continued/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="AdaptSegNet (output-space adversarial)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="AdaptSegNet (output-space adversarial)", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/train_adaptseg.py --seed {seed} --init-from {base}/source/model.pth "
          "--out {base}/adaptseg", "{base}/adaptseg/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/adaptseg/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="ADVENT MinEnt", method="advent_maxsquare", labels="none", steps=[
+    dict(name="ADVENT MinEnt", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/train_advent.py --mode minent --seed {seed} --init-from {base}/source/model.pth "
          "--out {base}/minent", "{base}/minent/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/minent/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="ADVENT AdvEnt", method="advent_maxsquare", labels="none", steps=[
+    dict(name="ADVENT AdvEnt", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/train_advent.py --mode advent --seed {seed} --init-from {base}/source/model.pth "
          "--out {base}/advent", "{base}/advent/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/advent/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="ADVENT AdvEnt+MinEnt (logit ensemble)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="ADVENT AdvEnt+MinEnt (logit ensemble)", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/test.py --checkpoint {base}/advent/model.pth --ensemble {base}/minent/model.pth "
          "--split test --out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MaxSquare (MS)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="MaxSquare (MS)", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/train_maxsquare.py --target-loss maxsquare --seed {seed} "
          "--init-from {base}/source/model.pth --out {base}/maxsquare", "{base}/maxsquare/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/maxsquare/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MaxSquare (MS+IW)", method="advent_maxsquare", labels="none", steps=[
+    dict(name="MaxSquare (MS+IW)", method="advent_maxsquare", labels="none",
+         control="Source only, continued (control)", steps=[
         ("{py} advent_maxsquare/train_maxsquare.py --target-loss iw_maxsquare --seed {seed} "
          "--init-from {base}/source/model.pth --out {base}/iw_maxsquare", "{base}/iw_maxsquare/final.json"),
         ("{py} advent_maxsquare/test.py --checkpoint {base}/iw_maxsquare/model.pth --split test --out {run}/eval",
@@ -150,6 +158,7 @@ PIPELINES = [
         ("{py} mada/test.py --checkpoint {base}/mada/oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="MADA stage 1 (5% images, CE)", method="mada", labels="5% of target images (20)",
+         control="Random 5% images + MADA stage 1",
          selection=("mada", "{base}/mada/select_mada"), steps=[
         ("{py} mada/warmup.py --seed {seed} --out {base}/mada/warmup", "{base}/mada/warmup/final.json"),
         ("{py} mada/save_features.py --domain source --checkpoint {base}/mada/warmup/model.pth "
@@ -200,6 +209,7 @@ PIPELINES = [
         ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada_mask/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="MADAv2 step 1 (5% images, CE)", method="mada", labels="5% of target images (20)",
+         control="Random 5% images + MADA stage 1",
          selection=("mada", "{base}/mada/select_madav2"), steps=[
         ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_warmup "
          "--out {base}/mada/anchors/target_warmup", "{base}/mada/anchors/target_warmup/final.json"),
@@ -231,7 +241,8 @@ PIPELINES = [
         ("{py} mada/test.py --checkpoint {base}/mada/stage1_random/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # ---- d2ada ----
-    dict(name="D2ADA warm-up (UDA, AdaptSegNet)", method="d2ada", labels="none", steps=[
+    dict(name="D2ADA warm-up (UDA, AdaptSegNet)", method="d2ada", labels="none",
+         control="D2ADA source only (sup. warm-up, DeepLabV3+)", steps=[
         ("{py} d2ada/superpixels.py --summary {base}/d2ada_superpixels.json", "{base}/d2ada_superpixels.json"),
         ("{py} d2ada/warmup.py --seed {seed} --out {base}/d2ada_warmup", "{base}/d2ada_warmup/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_warmup/model.pth --split test --out {run}/eval",
@@ -249,6 +260,7 @@ PIPELINES = [
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_oracle/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="D2ADA (5 rounds, 5% target pixels)", method="d2ada", labels="5% of target pixels (regions)",
+         control="D2ADA baseline: random regions (5%)",
          selection=("d2ada", "{base}/d2ada_ada"), steps=[
         ("{py} d2ada/train_ada.py --seed {seed} --init-from {base}/d2ada_warmup/model.pth --out {base}/d2ada_ada",
          "{base}/d2ada_ada/final.json"),
@@ -263,7 +275,8 @@ PIPELINES = [
          "--out {base}/d2ada_random", "{base}/d2ada_random/final.json"),
         ("{py} d2ada/test.py --checkpoint {base}/d2ada_random/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)", extra=True,
+    dict(name="D2ADA baseline: uncertainty only (5%)", method="d2ada", labels="5% of target pixels (regions)",
+         control="D2ADA baseline: random regions (5%)", extra=True,
          selection=("d2ada", "{base}/d2ada_uncertainty"), steps=[
         ("{py} d2ada/train_ada.py --selection uncertainty --seed {seed} --init-from {base}/d2ada_warmup/model.pth "
          "--out {base}/d2ada_uncertainty", "{base}/d2ada_uncertainty/final.json"),
@@ -299,7 +312,8 @@ PIPELINES = [
         ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
         ("{py} madan/test.py --adabn --checkpoint {base}/madan/combined/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MADAN: pixel level (DSC+SAD+CCD)", method="madan", labels="none", steps=[
+    dict(name="MADAN: pixel level (DSC+SAD+CCD)", method="madan", labels="none",
+         control="MADAN: both sources combined (no adapt.)", steps=[
         ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
          "{base}/madan/classifiers/toy_gta5/final.json"),
         ("{py} madan/train_translation.py --seed {seed} --out {base}/madan/translation --classifiers "
@@ -311,7 +325,8 @@ PIPELINES = [
          "{base}/madan/translated/toy_synthia,{base}/madan/translated/toy_gta5", "{base}/madan/segmenter/final.json"),
         ("{py} madan/test.py --checkpoint {base}/madan/segmenter/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MADAN: pixel + feature level (ADDA)", method="madan", labels="none", steps=[
+    dict(name="MADAN: pixel + feature level (ADDA)", method="madan", labels="none",
+         control="MADAN: combined + AdaBN (target BN statistics)", steps=[
         ("{py} madan/train_classifiers.py --seed {seed} --out {base}/madan/classifiers",
          "{base}/madan/classifiers/toy_gta5/final.json"),
         ("{py} madan/train_translation.py --seed {seed} --out {base}/madan/translation --classifiers "
@@ -326,7 +341,8 @@ PIPELINES = [
          "{base}/madan/adda/final.json"),
         ("{py} madan/test.py --checkpoint {base}/madan/adda/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MDAN (2 sources)", method="madan", labels="none", steps=[
+    dict(name="MDAN (2 sources)", method="madan", labels="none",
+         control="MADAN: combined + AdaBN (target BN statistics)", steps=[
         ("{py} madan/train_segmenter.py --seed {seed} --out {base}/madan/combined", "{base}/madan/combined/final.json"),
         ("{py} madan/train_mdan.py --seed {seed} --out {base}/madan/mdan --init-from {base}/madan/combined/model.pth",
          "{base}/madan/mdan/final.json"),
@@ -345,18 +361,21 @@ PIPELINES = [
         ("{py} ssada/test.py --checkpoint {base}/ssada_source/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="SS-ADA: Entropy-IoU 5%", method="ssada", labels="5% of target images",
+         control="SS-ADA: random 5%",
          selection=("ssada", "{base}/ssada_entropy_iou_5"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.05 --seed {seed} --out {base}/ssada_entropy_iou_5",
          "{base}/ssada_entropy_iou_5/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_5/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="SS-ADA: Entropy-IoU 10%", method="ssada", labels="10% of target images",
+         control="SS-ADA: random 10%",
          selection=("ssada", "{base}/ssada_entropy_iou_10"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.1 --seed {seed} --out {base}/ssada_entropy_iou_10",
          "{base}/ssada_entropy_iou_10/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/ssada_entropy_iou_10/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images", extra=True,
+    dict(name="SS-ADA: Entropy-IoU 25%", method="ssada", labels="25% of target images",
+         control="SS-ADA: random 25%", extra=True,
          selection=("ssada", "{base}/ssada_entropy_iou_25"), steps=[
         ("{py} ssada/train_ssada.py --strategy entropy_iou --total-ratio 0.25 --seed {seed} --out {base}/ssada_entropy_iou_25",
          "{base}/ssada_entropy_iou_25/final.json"),
@@ -395,7 +414,8 @@ PIPELINES = [
         ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl/model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none", steps=[
+    dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none",
+         control="TUFL: focal, fixed tau (toy CS->CrossCity)", steps=[
         ("{py} ssada/train_tufl.py --thresholds adaptive --seed {seed} --out {base}/tufl_adaptive",
          "{base}/tufl_adaptive/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl_adaptive/model.pth --target toy_crosscity --split test "
@@ -960,11 +980,12 @@ def seeds_on_disk(out):
 
 def table(out, seeds, version=None, pipelines=None):
     """One row per pipeline with at least one finished seed among `seeds` in OUT (run on toy `version`)."""
-    rows = []
+    rows, by_seed = [], {}
     for p in pipelines or PIPELINES:
         per_seed = {s: r for s in seeds if (r := collect(p, s, out, version)) is not None}
         if not per_seed:
             continue
+        by_seed[p["name"]] = {s: r["mIoU"] for s, r in per_seed.items()}
         m = [r["mIoU"] for r in per_seed.values()]
         secs = [r["seconds"] for r in per_seed.values() if r["seconds"] == r["seconds"]]
         rows.append({"name": p["name"], "method": p["method"], "labels": p["labels"], "n": len(m),
@@ -976,6 +997,12 @@ def table(out, seeds, version=None, pipelines=None):
                      "toy_version": per_seed[min(per_seed)]["toy_version"],
                      "diagnostics": mean_diagnostics([r["diagnostics"] for r in per_seed.values()]),
                      "ref": p.get("ref", p["method"])})
+        ctrl = by_seed.get(p.get("control"), {})
+        both = [s for s in sorted(per_seed) if s in ctrl]
+        if both:  # the row minus its control, seed by seed (same seed = same source model / warm-up / draw)
+            diff = [by_seed[p["name"]][s] - ctrl[s] for s in both]
+            rows[-1]["vs_control"] = {"control": p["control"], "seeds": both, "per_seed": diff,
+                                      "mean": statistics.mean(diff)}
     return rows
 
 
@@ -1041,14 +1068,21 @@ def report(out, seeds, dest, version=None):
         src, orc = (by_name.get(n) for n in REFS.get(r["ref"], ("", "")))
         r["gap_closed"] = ((r["mean"] - src["mean"]) / (orc["mean"] - src["mean"])
                            if src and orc and orc["mean"] != src["mean"] else None)
-    lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | "
-             "wall time / seed | peak RSS | machine |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | minus its control, paired "
+             "| wall time / seed | peak RSS | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    controls = {}
     for r in rows:
         gap = "" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        vc = r.get("vs_control")
+        if vc:
+            n = controls.setdefault(vc["control"], len(controls) + 1)
+            vs = (f"{vc['mean']:+.1f} ({', '.join(f'{d:+.1f}' for d in vc['per_seed'])}) vs [c{n}]")
+        else:
+            vs = ""
         per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
         peak = "n/a" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f} MiB"
         lines.append(f"| {r['name']} | `{r['method']}` | {r['labels']} | {r['mean']:.1f} +- {r['std']:.1f} "
-                     f"(n={r['n']}) | {per} | {gap} | {r['seconds'] / 60:.1f} min | {peak} | {r['machine']} |")
+                     f"(n={r['n']}) | {per} | {gap} | {vs} | {r['seconds'] / 60:.1f} min | {peak} | {r['machine']} |")
     versions = sorted({r.get("toy_version", 2) for r in rows})
     md = "\n".join(lines) + (
         f"\n\nToy domains v{'/'.join(map(str, versions))}. "
@@ -1058,6 +1092,10 @@ def report(out, seeds, dest, version=None):
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
         f"row count once, there); wall times compare only between rows of the same machine (rows run with --jobs "
         "shared that machine with other rows).\n")
+    if controls:
+        md += ("\nMinus its control, paired: the row's mIoU minus its control's at the same seed (same source model, "
+               "warm-up or initial draw), mean and per seed; controls: "
+               + "; ".join(f"[c{n}] {name}" for name, n in controls.items()) + ".\n")
     if any(r.get("diagnostics") for r in rows):
         md += ("\nMechanism diagnostics (means over the seeds; `diagnostics.json` in each row's folder): target "
                "entropy = mean normalised prediction entropy on the evaluated split; rare-class IoU = mean IoU of "
