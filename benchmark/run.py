@@ -9,7 +9,7 @@ memory) as Markdown, JSON and a bar chart PNG.
     python benchmark/run.py --list --methods mada   # what would run (rows, steps, recorded time per seed)
     python benchmark/run.py --report                # the table of what has finished in benchmark/out; runs nothing
     python benchmark/run.py --report --publish      # ... written to the committed benchmark/results.* instead
-    python benchmark/run.py --jobs 2                # two 1-thread steps at once: the measured fastest on 2 cores
+    python benchmark/run.py --jobs 1                # one step at a time, all cores each (default --jobs 2)
     python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations)
     python benchmark/run.py --toy-version 2         # the table before issue 17 (benchmark/results_v2.*)
     OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
@@ -757,8 +757,8 @@ def folders(p):
 def run_parallel(chosen, seeds, out, jobs, progress=None):
     """Run pipeline-seeds `jobs` at a time; a pipeline-seed starts once every earlier chosen pipeline of its seed
     that shares a {base} folder with it has finished. With one job they run seed by seed in table order (a whole
-    seed of the table is finished first); with more, the ready ones with the most (transitive) dependents start
-    first (the long chains). A failure skips its dependents and is reported at the end. Ctrl-C / SIGTERM
+    seed of the table is finished first); with more, seed by seed too, and within a seed the ready ones with the most
+    (transitive) dependents start first (the long chains); a later seed's steps fill cores the current seed leaves idle. A failure skips its dependents and is reported at the end. Ctrl-C / SIGTERM
     (Interrupted from the signal handler) is forwarded to the running steps, which are awaited; then it is
     re-raised."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -769,7 +769,7 @@ def run_parallel(chosen, seeds, out, jobs, progress=None):
     for k in reversed(sorted(keys)):  # later pipelines first, so a dependent's own set is complete
         for d in deps[k]:
             dependents[d] |= {k} | dependents[k]
-    todo = sorted(keys, key=(lambda k: (k[1], k[0])) if jobs == 1 else (lambda k: (-len(dependents[k]), k[0], k[1])))
+    todo = sorted(keys, key=(lambda k: (k[1], k[0])) if jobs == 1 else (lambda k: (k[1], -len(dependents[k]), k[0])))
     done, failed, running = set(), {}, {}
     ex = ThreadPoolExecutor(jobs)
     try:
@@ -1135,7 +1135,8 @@ def main(argv=None):
     ap.add_argument("--publish", action="store_true", help="write the table to the committed benchmark/results.md, "
                     ".json and .png instead of OUT/results.*: the rows found in OUT replace the published rows of "
                     "the same name, the other published rows are kept")
-    ap.add_argument("--jobs", type=int, default=1, help="pipeline-seeds run at once (see the docstring); each step "
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="pipeline-seeds run at once "
+                    "(default 2, 1 on a 1-core machine; see the docstring); each step "
                     "gets OMP_NUM_THREADS = CPU cores // jobs unless OMP_NUM_THREADS is set (on 2 cores, --jobs 2 "
                     "runs two 1-thread steps: about twice the throughput of one 2-thread step for these small nets)")
     ap.add_argument("--toy-version", type=int, default=3, choices=(2, 3), help="the toy domains the rows run on "
