@@ -100,3 +100,18 @@ def real_trees(tmp_path_factory):
     (tests/realdata.py), built once per session, for the paper-preset smoke tests: {name: root}."""
     from realdata import make_real_trees
     return make_real_trees(tmp_path_factory.mktemp("real_trees"))
+
+
+def class_share(root, rels):
+    """Direct count for the selection tests: the class shares (train ids, 19 classes) of the labelled pixels of
+    the Cityscapes-layout images `rels` (leftImg8bit/... paths) under `root`, from their gtFine label-id PNGs."""
+    import numpy as np
+    from PIL import Image
+    from common import labels as L
+    lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
+    h = np.zeros(19)
+    for r in rels:
+        lab = lut[np.asarray(Image.open(Path(root) / r.replace("leftImg8bit/", "gtFine/", 1)
+                                        .replace("_leftImg8bit.png", "_gtFine_labelIds.png")))]
+        h += np.bincount(lab[lab < 19], minlength=19)
+    return h / h.sum()

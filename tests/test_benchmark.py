@@ -237,9 +237,6 @@ def test_the_log_reader_counts_rounds_and_restarts_the_rate_after_a_resume(tmp_p
 def test_selection_histogram_matches_a_direct_count(tmp_path, tiny_toy):
     """benchmark/selection_histogram.py: the class shares of a MADA-style selection and of the target split,
     against a direct count over the label files."""
-    import numpy as np
-    from PIL import Image
-    from common import labels as L
     root = tiny_toy / "toy_cityscapes"
     imgs = sorted(str(p.relative_to(root)) for p in (root / "leftImg8bit" / "train").rglob("*.png"))
     sel = tmp_path / "out" / "seed0" / "mada" / "select_x"
@@ -249,16 +246,8 @@ def test_selection_histogram_matches_a_direct_count(tmp_path, tiny_toy):
     p = subprocess.run([sys.executable, "benchmark/selection_histogram.py", "--out", str(tmp_path / "out")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
-
-    def share(rels):
-        h = np.zeros(19)
-        for r in rels:
-            lab = lut[np.asarray(Image.open(root / r.replace("leftImg8bit/", "gtFine/", 1)
-                                            .replace("_leftImg8bit.png", "_gtFine_labelIds.png")))]
-            h += np.bincount(lab[lab < 19], minlength=19)
-        return 100 * h / h.sum()
-    tgt, picked = share(imgs), share(imgs[:2])
+    from conftest import class_share
+    tgt, picked = 100 * class_share(root, imgs), 100 * class_share(root, imgs[:2])
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith("| road |"))
     assert "x (n=1)" in p.stdout
     assert [float(v) for v in row.split("|")[2:4]] == [round(tgt[0], 2), round(picked[0], 2)], row

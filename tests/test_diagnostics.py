@@ -8,13 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, class_share
 
 sys.path.insert(0, str(ROOT))
 from benchmark.selection_histogram import selection_stats  # noqa: E402
-from common import labels as L  # noqa: E402
 
 
 def _load(rel):
@@ -52,18 +50,9 @@ def test_selection_stats_match_a_direct_count(tmp_path, tiny_toy):
     run.mkdir()
     picked = [imgs[0], imgs[-1], imgs[3]]
     (run / "selected.txt").write_text("\n".join(picked) + "\n")
-    lut = L.lut_from_map(L.CITYSCAPES_ID_TO_TRAINID, 19)
-
-    def hist(rels):
-        h = np.zeros(19)
-        for r in rels:
-            lab = lut[np.asarray(Image.open(root / r.replace("leftImg8bit/", "gtFine/", 1)
-                                            .replace("_leftImg8bit.png", "_gtFine_labelIds.png")))]
-            h += np.bincount(lab[lab < 19], minlength=19)
-        return h / h.sum()
     rare = [11, 12]
     st = selection_stats(run, "mada", root, rare=rare)
-    tgt, sel = hist(imgs), hist(picked)
+    tgt, sel = class_share(root, imgs), class_share(root, picked)
     assert st["class_tv"] == pytest.approx(0.5 * np.abs(sel - tgt).sum(), abs=1e-4)
     assert st["rare_share"] == pytest.approx(sel[rare].sum(), abs=1e-4)
     assert st["rare_share_target"] == pytest.approx(tgt[rare].sum(), abs=1e-4)
