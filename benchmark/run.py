@@ -997,12 +997,14 @@ def table(out, seeds, version=None, pipelines=None):
                      "toy_version": per_seed[min(per_seed)]["toy_version"],
                      "diagnostics": mean_diagnostics([r["diagnostics"] for r in per_seed.values()]),
                      "ref": p.get("ref", p["method"])})
-        ctrl = by_seed.get(p.get("control"), {})
-        both = [s for s in sorted(per_seed) if s in ctrl]
-        if both:  # the row minus its control, seed by seed (same seed = same source model / warm-up / draw)
-            diff = [by_seed[p["name"]][s] - ctrl[s] for s in both]
-            rows[-1]["vs_control"] = {"control": p["control"], "seeds": both, "per_seed": diff,
-                                      "mean": statistics.mean(diff)}
+        rows[-1]["_control"] = p.get("control")
+    for r in rows:  # the row minus its control, seed by seed (same seed = same source model / warm-up / draw)
+        name = r.pop("_control")
+        ctrl = by_seed.get(name, {})
+        both = [s for s in r["seeds"] if s in ctrl]
+        if both:
+            diff = [by_seed[r["name"]][s] - ctrl[s] for s in both]
+            r["vs_control"] = {"control": name, "seeds": both, "per_seed": diff, "mean": statistics.mean(diff)}
     return rows
 
 

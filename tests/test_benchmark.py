@@ -256,6 +256,7 @@ def test_selection_histogram_matches_a_direct_count(tmp_path, tiny_toy):
 def test_rows_are_paired_with_their_control_seed_by_seed(tmp_path, monkeypatch, capsys):
     rows = _fake_rows(tmp_path)
     rows[1]["control"] = "Fake source"  # oracle (30) minus source (10) at each seed
+    rows[0]["control"] = "Fake oracle"  # a control listed after its row counts too
     monkeypatch.setattr(bench, "PIPELINES", rows)
     monkeypatch.setattr(bench, "machine", lambda: "m")
     out = tmp_path / "out"
@@ -263,7 +264,7 @@ def test_rows_are_paired_with_their_control_seed_by_seed(tmp_path, monkeypatch, 
     table = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
     vc = table["Fake oracle"]["vs_control"]
     assert vc["control"] == "Fake source" and vc["seeds"] == [0, 1] and vc["per_seed"] == [20.0, 20.0]
-    assert "vs_control" not in table["Fake source"]
+    assert table["Fake source"]["vs_control"]["per_seed"] == [-20.0, -20.0]
     md = (out / "results.md").read_text()
-    assert "+20.0 (+20.0, +20.0) vs [c1]" in md and "[c1] Fake source" in md
+    assert "+20.0 (+20.0, +20.0) vs [c2]" in md and "[c2] Fake source" in md and "[c1] Fake oracle" in md
     assert json.loads((out / "seed0" / "fake_oracle" / "bench.json").read_text())["toy_version"] == 3
