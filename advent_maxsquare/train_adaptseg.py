@@ -130,6 +130,7 @@ def discriminator_loss(discs, pred, domain_label, gan="vanilla"):
     own level (seed 003's code gave D2 D1's output and labelled the target step 'source')."""
     return sum(0.5 * gan_loss(discs[l](discriminator_input(pred[l].detach())), domain_label, gan) for l in discs)
 
+
 @torch.no_grad()
 def discriminator_accuracy(discs, pred, pred_t, gan="vanilla"):
     """Diagnostic, not a loss: the share of D's patch outputs on the right side of its decision boundary
@@ -141,12 +142,6 @@ def discriminator_accuracy(discs, pred, pred_t, gan="vanilla"):
     return float(torch.stack(acc).mean())
 
 # ---- end of method's losses -------------------------------------------------------------------------
-
-
-def last_quarter(pairs, total):
-    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
-    vals = [v for i, v in pairs if i >= 0.75 * total]
-    return round(sum(vals) / len(vals), 4) if vals else None
 
 
 def upsample(pred, size, levels):
@@ -307,7 +302,7 @@ def main(args):
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter,
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
-                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
+                 "diagnostics": {"dom_acc_last_quarter": rt.last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

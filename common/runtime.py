@@ -139,6 +139,13 @@ def seed_everything(seed):
     torch.cuda.manual_seed_all(seed)
 
 
+def last_quarter(pairs, total):
+    """Mean of the logged (iter, value) pairs in the last quarter of a `total`-iteration schedule (the
+    diagnostics final.json reports, e.g. the discriminator's accuracy at the end); None when there are none."""
+    vals = [v for i, v in pairs if i >= 0.75 * total]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
 def poly_lr(base_lr, it, max_iters, power=0.9):
     """DeepLab's poly schedule: base_lr * (1 - it / max_iters) ** power."""
     return base_lr * (1 - it / max_iters) ** power

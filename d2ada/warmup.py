@@ -86,12 +86,6 @@ def warm_lr(base, it, iters, warmup_iters):
     return rt.poly_lr(base, it, iters) * min(1.0, (it + 1) / max(1, warmup_iters))
 
 
-def last_quarter(pairs, total):
-    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
-    vals = [v for i, v in pairs if i >= 0.75 * total]
-    return round(sum(vals) / len(vals), 4) if vals else None
-
-
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -215,7 +209,7 @@ def main(args):
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter, "warmup": args.warmup,
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
-                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
+                 "diagnostics": {"dom_acc_last_quarter": rt.last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

@@ -74,12 +74,6 @@ def parse_args(argv=None):
     return args
 
 
-def last_quarter(pairs, total):
-    """Mean of the logged (iter, value) pairs in the last quarter of the schedule; None when there are none."""
-    vals = [v for i, v in pairs if i >= 0.75 * total]
-    return round(sum(vals) / len(vals), 4) if vals else None
-
-
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
@@ -137,7 +131,8 @@ def main(args):
             for j, b in enumerate(src):
                 score_j, feat_j = hook(model, rt.to_device(b["image"], device, amp))
                 tasks.append(Lm.seg_ce(score_j, b["label"].to(device)))
-                d_s, d_t = heads[j](feat_j, args.grl_lambda)[..., None, None], heads[j](feat_t, args.grl_lambda)[..., None, None]
+                d_s = heads[j](feat_j, args.grl_lambda)[..., None, None]
+                d_t = heads[j](feat_t, args.grl_lambda)[..., None, None]
                 doms.append(Lm.domain_ce(d_s, 1) + Lm.domain_ce(d_t, 0))
                 accs.append(Lm.domain_accuracy(d_s.detach(), d_t.detach()))  # diagnostic only
             loss = Lm.mdan_loss(tasks, doms, args.mu, args.gamma, args.mode)
@@ -184,7 +179,7 @@ def main(args):
         rt.save_checkpoint(out / "model.pth", model=model.state_dict(), config=mcfg, iter=args.stop_iter)
         final = {"last": res, "best": best, "iters": args.stop_iter,
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt,
-                 "diagnostics": {"dom_acc_last_quarter": last_quarter(dom_accs, args.stop_iter)}}
+                 "diagnostics": {"dom_acc_last_quarter": rt.last_quarter(dom_accs, args.stop_iter)}}
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

@@ -37,8 +37,9 @@ def test_discriminator_accuracy_is_the_share_of_patches_on_the_right_side(rel):
             t = D(mod.discriminator_input(pred_t[k])).numpy()
         want.append(0.5 * ((s <= 0).mean() + (t > 0).mean()))
     assert got == pytest.approx(float(np.mean(want)), abs=1e-6)
-    assert mod.last_quarter([(0, 0.1), (70, 0.2), (75, 0.6), (90, 0.8)], 100) == pytest.approx(0.7)
-    assert mod.last_quarter([], 100) is None
+    from common.runtime import last_quarter
+    assert last_quarter([(0, 0.1), (70, 0.2), (75, 0.6), (90, 0.8)], 100) == pytest.approx(0.7)
+    assert last_quarter([], 100) is None
 
 
 def test_selection_stats_match_a_direct_count(tmp_path, tiny_toy):
