@@ -53,6 +53,33 @@ def test_region_stats_against_direct_masked_mean():
         assert torch.equal(st_b[key], st_f[key]), key
 
 
+def test_random_selection_reads_only_the_region_inventory():
+    """The random baseline takes its region table from region_inventory (no model pass): the same image /
+    region / pixel columns as extract_regions' region_stats, hence the same picks."""
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.randint(0, k, (12, 20), generator=g) for k in (5, 9, 3)]
+    for m, k in zip(maps, (5, 9, 3)):
+        m.view(-1)[:k] = torch.arange(k)  # ids 0..k-1 all present, as superpixels.py writes them
+    full = {"image": [], "region": [], "pixels": [], "entropy": [], "prob": []}
+    for i, sp in enumerate(maps):
+        st = R.region_stats(torch.randn(4, 3, 5, generator=g), torch.randn(6, 3, 5, generator=g), sp)
+        k = len(st["pixels"])
+        full["image"].append(np.full(k, i, np.int64))
+        full["region"].append(np.arange(k, dtype=np.int64))
+        for key in ("pixels", "entropy", "prob"):
+            full[key].append(st[key].numpy())
+    full = {k: np.concatenate(v) for k, v in full.items()}
+    inv = R.inventory_regions([np.bincount(sp.numpy().reshape(-1)).astype(np.int64) for sp in maps])
+    for key in ("image", "region", "pixels"):
+        assert inv[key].dtype == full[key].dtype and np.array_equal(inv[key], full[key]), key
+    pool = np.ones(len(inv["pixels"]), bool)
+    pool[[0, 7]] = False
+    budget = 0.3 * inv["pixels"].sum()
+    a = S.select_round(full, None, pool, budget, 0.0, "random", None, seed=5)
+    b = S.select_round(inv, None, pool, budget, 0.0, "random", None, seed=5)
+    assert a[0] == b[0] and a[1] == b[1] and len(a[0]) > 1
+
+
 # ---------------------------------------------------------------------------------------------- selection
 def _blobs(n, dim, shift, rng):
     return (rng.standard_normal((n, dim)) + shift).astype(np.float32)
