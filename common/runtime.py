@@ -406,13 +406,29 @@ class Terminated(KeyboardInterrupt):
 _STOP = []  # exit code of the stop signal received (130 Ctrl-C, 143 SIGTERM), set by the handlers below
 
 
+def _ignore_signal(signum, frame):
+    pass
+
+
+def _stopping(code):
+    _STOP.append(code)
+    # The same signal ends the DataLoader workers (one process group), and torch's SIGCHLD handler then raises
+    # "DataLoader worker (pid N) is killed by signal" wherever the main process is, e.g. inside run_main's stop
+    # report (a traceback after the [stopped] line, seen about once in 30 stops): we are stopping, so the
+    # children may end quietly. Set here, before any unwinding: Python runs the pending SIGINT/SIGTERM handler
+    # before the SIGCHLD one, which then finds this no-op (not SIG_DFL: a signal already pending when its
+    # handler becomes SIG_DFL/SIG_IGN prints "OSError: Signal 17 ignored due to race condition").
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+
+
 def _on_sigterm(signum, frame):
-    _STOP.append(143)
+    _stopping(143)
     raise Terminated()
 
 
 def _on_sigint(signum, frame):
-    _STOP.append(130)
+    _stopping(130)
     raise KeyboardInterrupt()
 
 
@@ -460,8 +476,10 @@ def run_main(main, parse_args):
             raise
         code = _STOP[0] if _STOP else (143 if isinstance(e, Terminated) else 130)
         sig = "SIGTERM" if code == 143 else "Ctrl-C"
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if hasattr(signal, "SIGCHLD"):  # (also for a KeyboardInterrupt that did not come through _stopping)
+            signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGINT, _ignore_signal)  # a second Ctrl-C / SIGTERM no longer interrupts the report
+        signal.signal(signal.SIGTERM, _ignore_signal)
         if int(os.environ.get("RANK", 0)) == 0:
             out = getattr(args, "out", None)
             if args is None or not hasattr(args, "resume"):
