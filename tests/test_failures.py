@@ -247,3 +247,24 @@ def test_stop_signal_to_the_process_group_with_loader_workers(tmp_path, tiny_toy
     lines = [ln for ln in se.splitlines() if ln.strip()]
     assert proc.returncode == code and "Traceback" not in se, (proc.returncode, se[-3000:])
     assert len(lines) == 1 and lines[0].startswith(f"[stopped] {word}: last checkpoint {out / 'checkpoint.pth'}"), se
+
+
+def test_a_stop_silences_the_dataloader_sigchld_handler():
+    """Once a stop signal arrives, the workers' deaths (SIGCHLD) must not raise in the main process: torch's
+    DataLoader handler raised 'worker killed by signal' inside the stop report, a traceback after [stopped]."""
+    from common import runtime as rt
+
+    def dataloader_like(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    old = signal.getsignal(signal.SIGCHLD)
+    try:
+        signal.signal(signal.SIGCHLD, dataloader_like)
+        with pytest.raises(rt.Terminated):
+            rt._on_sigterm(signal.SIGTERM, None)
+        assert rt._STOP == [143]
+        os.kill(os.getpid(), signal.SIGCHLD)  # a worker ends: its handler must now be a no-op
+        time.sleep(0.05)
+    finally:
+        rt._STOP.clear()
+        signal.signal(signal.SIGCHLD, old)
