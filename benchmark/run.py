@@ -100,7 +100,7 @@ PIPELINES = [
          control="Source only", steps=[
         ("{py} advent_maxsquare/test.py --adabn --checkpoint {base}/source/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    # The control every adaptation row must beat: the same script and schedule as the adaptation rows (300
+    # The control every adaptation row must beat: the same script and schedule as the adaptation rows (200
     # iterations from the source model, target batches forwarded in train mode so BN sees them) with the target
     # loss weighted 0: same budget, same BN effect, no adaptation loss.
     dict(name="Source only, continued (control)", method="advent_maxsquare", labels="none",
