@@ -288,6 +288,38 @@ def eval_loader(dataset, batch_size=1, workers=2, rank=0, world_size=1):
                                        shuffle=False, num_workers=workers, generator=torch.Generator())
 
 
+# Evaluation forward passes take up to 8 consecutive same-size images, as many as fit in this many input pixels:
+# the toy domains' images (at most 72x128) go 8 at a time, any real image (Cityscapes 1024x2048, GTA5, SYNTHIA,
+# CrossCity) alone, as in every official evaluation. In eval mode an image's prediction does not depend on the
+# others of its batch (tests/test_common.py checks it to float rounding).
+EVAL_BATCH_PIXELS = 8 * 72 * 128
+
+
+def eval_batches(dataset, workers=2, rank=0, world_size=1, max_pixels=EVAL_BATCH_PIXELS, max_images=8):
+    """eval_loader's items (this rank's shard, in order, each once), collated into batches of consecutive items
+    whose tensors have the same shapes, at most max_images images and max_pixels input pixels per batch (always
+    at least one image).
+    Datasets that mix image sizes (CrossCity, or a --full-res pool) simply give smaller batches."""
+    idx = list(range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=max_images, shuffle=False,
+                                         num_workers=workers, collate_fn=list, generator=torch.Generator())
+
+    def shapes(item):
+        return tuple(v.shape for v in item.values() if torch.is_tensor(v))
+
+    group = []
+    for items in loader:
+        for item in items:
+            px = int(np.prod(item["image"].shape[-2:]))
+            if group and (shapes(item) != shapes(group[0]) or len(group) == max_images
+                          or (len(group) + 1) * px > max_pixels):
+                yield torch.utils.data.default_collate(group)
+                group = []
+            group.append(item)
+    if group:
+        yield torch.utils.data.default_collate(group)
+
+
 # ----------------------------------------------------------------------------------------------
 # Domains: the names scripts accept for --source/--target, with the papers' image sizes.
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import labels as L
-from .datasets import eval_loader
+from .datasets import eval_batches
 from .metrics import ConfusionMatrix
 from .pictures import prediction_grid
 from .runtime import autocast, barrier, to_device, unwrap
@@ -55,22 +55,25 @@ class PredictionOutputs:
                 barrier()
 
     def add(self, batch, pred, label):
-        """batch: the loader's dict (batch size 1); pred, label: (1, H, W) class indices at the label's size."""
-        name = batch["name"][0]
+        """batch: the loader's dict (B images); pred, label: (B, H, W) class indices at the label's size."""
+        for b, name in enumerate(batch["name"]):
+            self._add_one(name, batch["image"][b], pred[b], label[b])
+
+    def _add_one(self, name, image, pred, label):
         p = None
         if self.label_id_dir is not None:
-            p = pred[0].cpu().numpy().astype(np.uint8)
+            p = pred.cpu().numpy().astype(np.uint8)
             Image.fromarray(self.lut[p], "L").save(self.label_id_dir / label_id_name(name))
         if self.save_dir is None:
             return
         if self.saved < self.n_save or len(self.rows) < self.n_grid:
-            p = pred[0].cpu().numpy().astype(np.uint8) if p is None else p
+            p = pred.cpu().numpy().astype(np.uint8) if p is None else p
         if self.saved < self.n_save:
             Image.fromarray(L.colorize(p, self.k)).save(self.save_dir / f"{Path(name).stem}_pred.png")
             self.saved += 1
         if len(self.rows) < self.n_grid:
-            self.rows.append({"name": Path(name).stem, "image": denormalize(batch["image"][0], self.norm),
-                              "label": label[0].cpu().numpy().astype(np.uint8), "pred": p})
+            self.rows.append({"name": Path(name).stem, "image": denormalize(image, self.norm),
+                              "label": label.cpu().numpy().astype(np.uint8), "pred": p})
 
     def close(self):
         if self.save_dir is not None and self.rows:
@@ -111,7 +114,7 @@ def evaluate(model, dataset, num_classes, device, amp=None, flip=False, save_dir
     conf = ConfusionMatrix(num_classes, device)
     outs = PredictionOutputs(dataset, num_classes, save_dir, n_save, label_id_dir, n_grid, rank, world_size)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # entropy sum, pixels, confident, confident wrong
-    for batch in eval_loader(dataset, 1, workers, rank, world_size):
+    for batch in eval_batches(dataset, workers, rank, world_size):  # 8 toy images / 1 real image per pass
         x = to_device(batch["image"], device, amp)
         y = batch["label"].to(device)
         logits = sum(predict_logits(m, x, y.shape[-2:], amp, flip) for m in models) / len(models)

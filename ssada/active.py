@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.losses import entropy_map
+from common.losses import self_information
 from common.runtime import atomic_write_text
 
 STRATEGIES = ("entropy", "iou_score", "entropy_iou", "confidence", "random")
@@ -55,13 +55,20 @@ def epoch_plan(n, init, increments, sample_epochs, epochs, batch_size, epoch_ite
 @torch.no_grad()
 def image_scores(logits, class_iou):
     """All acquisition scores of one image from its logits (1, C, H, W) and the class IoUs (C,) in [0, 1]."""
-    logits = logits.float()
-    prob = F.softmax(logits, 1)
+    return batch_image_scores(logits, class_iou)[0]
+
+
+def batch_image_scores(logits, class_iou):
+    """image_scores of each image of a batch, logits (B, C, H, W): one softmax per pixel serves all criteria.
+    entropy: mean normalised entropy (common.losses.entropy_map); confidence: mean max probability; iou_score:
+    mean IoU of the predicted class; entropy_iou = entropy + (1 - iou_score)."""
+    prob = F.softmax(logits.float(), 1)
     conf, pred = prob.max(1)
-    ent = float(entropy_map(logits).mean())
-    iou_s = float(torch.as_tensor(class_iou, dtype=torch.float32, device=pred.device)[pred].mean())
-    return {"entropy": ent, "confidence": float(conf.mean()), "iou_score": iou_s,
-            "entropy_iou": ent + (1.0 - iou_s)}
+    ent = self_information(prob).sum(1).mean((1, 2))  # = entropy_map(logits).mean() per image
+    iou_s = torch.as_tensor(class_iou, dtype=torch.float32, device=pred.device)[pred].mean((1, 2))
+    conf = conf.mean((1, 2))
+    return [{"entropy": float(e), "confidence": float(c), "iou_score": float(u), "entropy_iou": float(e) + (1.0 - float(u))}
+            for e, c, u in zip(ent.tolist(), conf.tolist(), iou_s.tolist())]
 
 
 def select(scores, k, strategy, rng=None):

@@ -35,12 +35,13 @@ from PIL import Image
 
 from common import cli, labels as L, pictures as P, runtime as rt
 from common.bisenet import make_bisenet
-from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_loader, infinite_loader,
+from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_batches, eval_loader, infinite_loader,
                              resolve_domain, train_set)
 from common.evaluate import evaluate, predict_logits
 from common.metrics import ConfusionMatrix, format_table
 from common.transforms import Compose, RandomHFlip, Resize
-from ssada.active import STRATEGIES, budget_plan, class_pixel_counts, epoch_plan, image_scores, select, write_round
+from ssada.active import (STRATEGIES, batch_image_scores, budget_plan, class_pixel_counts, epoch_plan, select,
+                          write_round)
 from ssada.data import LongSideScaleCrop, Pool, UnlabeledViews, split_partner
 from ssada.losses import confidence_mask, iou_class_weights, unlabeled_ce, warmup_poly_lr, weighted_ohem_ce
 from ssada.test import evaluate_sliding
@@ -123,10 +124,12 @@ def up(x, hw):
 @torch.no_grad()
 def active_round(model, pool_ds, labeled, k, strategy, args, device, amp, rng):
     """One SS-ADA round: (1) class IoU of the model on the labeled images, (2) scores of every unlabeled
-    image, (3) the k best. Returns (selected ids, class IoU in [0,1], scores, IoU summary)."""
+    image, (3) the k best. Returns (selected ids, class IoU in [0,1], scores, IoU summary).
+    Images go through the model in common.datasets.eval_batches' batches: 8 toy images, or one real image as
+    upstream's active_sample.py (in eval mode an image's scores do not depend on its batch)."""
     model.eval()
     conf = ConfusionMatrix(args.num_classes, device)
-    loader = lambda ids: eval_loader(torch.utils.data.Subset(pool_ds, ids), 1, args.workers)
+    loader = lambda ids: eval_batches(torch.utils.data.Subset(pool_ds, ids), args.workers)
     for item in loader(labeled):
         y = item["label"].to(device)
         conf.update(predict_logits(model, rt.to_device(item["image"], device, amp), y.shape[-2:], amp).argmax(1), y)
@@ -135,8 +138,8 @@ def active_round(model, pool_ds, labeled, k, strategy, args, device, amp, rng):
     class_iou = (tp / (m.sum(0) + m.sum(1) - tp + 1e-10)).float()  # absent classes -> 0 (upstream)
     scores = {}  # every criterion is logged, whichever one selects
     for item in loader(sorted(set(range(len(pool_ds))) - set(labeled))):
-        x = rt.to_device(item["image"], device, amp)
-        scores[int(item["index"])] = image_scores(predict_logits(model, x, item["label"].shape[-2:], amp), class_iou)
+        logits = predict_logits(model, rt.to_device(item["image"], device, amp), item["label"].shape[-2:], amp)
+        scores.update(zip(item["index"].tolist(), batch_image_scores(logits, class_iou)))
     model.train()
     return select(scores, k, strategy, rng), class_iou, scores, conf.summary()
 

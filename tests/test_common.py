@@ -319,9 +319,9 @@ def test_evaluate_miou_and_confidence_statistics_against_direct_computation():
             super().__init__()
             self.i, self.w = 0, torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x):
-            out = logits[self.i % 3]
-            self.i += 1
+        def forward(self, x):  # the next x.shape[0] images' logits (evaluate batches the three images)
+            out = torch.cat([logits[(self.i + b) % 3] for b in range(x.shape[0])])
+            self.i += x.shape[0]
             return {"out": out}
 
     data = [{"image": torch.zeros(3, H, W), "label": y, "name": f"im{i}.png"} for i, y in enumerate(labels)]
@@ -341,3 +341,32 @@ def test_evaluate_miou_and_confidence_statistics_against_direct_computation():
     assert res["confidence"]["mean_entropy"] == pytest.approx(ent / n, rel=1e-5)
     assert res["confidence"]["confident_share"] == pytest.approx(conf / n)
     assert res["confidence"]["confident_wrong_share"] == pytest.approx(wrong / conf)
+
+
+def test_eval_batches_group_same_size_items_in_order_within_the_caps():
+    """common.datasets.eval_batches: consecutive same-shape items, at most max_images and max_pixels per batch,
+    every item once and in order; mixed sizes just make smaller batches."""
+    from common.datasets import eval_batches
+    sizes = [(8, 8)] * 3 + [(16, 16)] * 2 + [(8, 8)] * 5
+    data = [{"image": torch.full((3, h, w), float(i)), "label": torch.zeros(h, w, dtype=torch.long), "name": f"{i}"}
+            for i, (h, w) in enumerate(sizes)]
+    got = list(eval_batches(data, workers=0, max_images=2))
+    assert [len(b["name"]) for b in got] == [2, 1, 2, 2, 2, 1]
+    assert [n for b in got for n in b["name"]] == [str(i) for i in range(len(sizes))]
+    assert all(float(b["image"][j, 0, 0, 0]) == int(n) for b in got for j, n in enumerate(b["name"]))
+    assert [len(b["name"]) for b in eval_batches(data, workers=0, max_pixels=2 * 64)] == [2, 1, 1, 1, 2, 2, 1]
+    assert [len(b["name"]) for b in eval_batches(data, workers=0, max_pixels=10)] == [1] * len(sizes)  # >= 1
+    shard = [n for b in eval_batches(data, workers=0, rank=1, world_size=3) for n in b["name"]]
+    assert shard == ["1", "4", "7"]
+
+
+def test_eval_mode_predictions_do_not_depend_on_the_batch():
+    """What batched evaluation relies on: in eval mode, an image's logits in a batch of 8 equal its logits alone."""
+    torch.manual_seed(0)
+    model = DeepLabV2(19, "resnet18").eval()
+    x = torch.randn(8, 3, 64, 128)
+    with torch.no_grad():
+        together = model(x)["out"]
+        alone = torch.cat([model(x[i:i + 1])["out"] for i in range(8)])
+    assert torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
+    assert torch.equal(together.argmax(1), alone.argmax(1))

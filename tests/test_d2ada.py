@@ -29,14 +29,18 @@ def test_slic_ids_contiguous_and_aligned():
     assert ids.max() >= 1
 
 
-def test_region_stats_against_direct_masked_mean():
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("fhw,shw", [((5, 7), (17, 23)), ((9, 16), (72, 128)), ((6, 6), (6, 6)), ((1, 4), (5, 9))])
+def test_region_stats_against_direct_masked_mean(align_corners, fhw, shw):
+    """The region means of the upsampled feature (taken as a sparse linear map of the low-resolution feature)
+    against the direct evaluation: F.interpolate to the superpixel map's size, then the mean over each region."""
     g = torch.Generator().manual_seed(0)
-    feat, logits = torch.randn(20, 5, 7, generator=g), torch.randn(6, 5, 7, generator=g)
-    sp = torch.randint(0, 9, (17, 23), generator=g)
-    sp[0, :9] = torch.arange(9)  # every id present
-    st = R.region_stats(feat, logits, sp, chunk=7)  # chunking must not change anything
-    up_f = F.interpolate(feat[None], size=(17, 23), mode="bilinear", align_corners=True)[0]
-    p = F.softmax(F.interpolate(logits[None], size=(17, 23), mode="bilinear", align_corners=True)[0], 0)
+    feat, logits = torch.randn(20, *fhw, generator=g), torch.randn(6, *fhw, generator=g)
+    sp = torch.randint(0, 9, shw, generator=g)
+    sp.view(-1)[:9] = torch.arange(9)  # every id present
+    st = R.region_stats(feat, logits, sp, align_corners=align_corners)
+    up_f = F.interpolate(feat[None], size=shw, mode="bilinear", align_corners=align_corners)[0]
+    p = F.softmax(F.interpolate(logits[None], size=shw, mode="bilinear", align_corners=align_corners)[0], 0)
     ent = (-p * torch.log2(p + 1e-12)).mean(0)
     for r in range(9):
         m = sp == r
@@ -47,7 +51,7 @@ def test_region_stats_against_direct_masked_mean():
     # what the model returns under bf16 autocast (channels_last bf16 maps) gives the fp32 statistics of those maps
     fb = feat.bfloat16()[None].contiguous(memory_format=torch.channels_last)[0]
     lb = logits.bfloat16()[None].contiguous(memory_format=torch.channels_last)[0]
-    st_b, st_f = R.region_stats(fb, lb, sp, chunk=7), R.region_stats(fb.float(), lb.float(), sp, chunk=7)
+    st_b, st_f = R.region_stats(fb, lb, sp), R.region_stats(fb.float(), lb.float(), sp)
     assert st_b["feat"].dtype == torch.float32
     for key in ("feat", "prob", "entropy", "pixels"):
         assert torch.equal(st_b[key], st_f[key]), key

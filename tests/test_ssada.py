@@ -11,7 +11,7 @@ import torch
 
 from conftest import EXACT, run_script, run_torchrun
 from common.bisenet import BiSeNetV1, bisenet_from_checkpoint, make_bisenet
-from ssada.active import budget_plan, epoch_plan, image_scores, select
+from ssada.active import batch_image_scores, budget_plan, epoch_plan, image_scores, select
 from ssada.data import Pool, UnlabeledViews, cutmix_box, split_partner
 from ssada.losses import (AdaptiveThresholds, confidence_mask, iou_class_weights, unlabeled_ce, unsup_focal_loss,
                           warmup_poly_lr, weighted_ohem_ce)
@@ -36,6 +36,12 @@ def test_image_scores_match_the_formulas():
     assert s["confidence"] == pytest.approx(p.max(0).mean(), abs=1e-5)
     assert s["iou_score"] == pytest.approx(iou_s, abs=1e-5)
     assert s["entropy_iou"] == pytest.approx(ent + 1 - iou_s, abs=1e-5)
+    # a batch scores each image as it would alone (what an active round with --score-batch > 1 computes)
+    zb = rng.normal(size=(3, 5, 6, 7)) * 2
+    batch = batch_image_scores(torch.tensor(zb, dtype=torch.float32), torch.tensor(iou, dtype=torch.float32))
+    for b in range(3):
+        alone = image_scores(torch.tensor(zb[b:b + 1], dtype=torch.float32), torch.tensor(iou, dtype=torch.float32))
+        assert batch[b] == pytest.approx(alone, abs=1e-6)
 
 
 def test_selection_order_per_strategy():
