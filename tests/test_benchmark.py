@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 
@@ -268,3 +270,22 @@ def test_rows_are_paired_with_their_control_seed_by_seed(tmp_path, monkeypatch, 
     md = (out / "results.md").read_text()
     assert "+20.0 (+20.0, +20.0) vs [c2]" in md and "[c2] Fake source" in md and "[c1] Fake oracle" in md
     assert json.loads((out / "seed0" / "fake_oracle" / "bench.json").read_text())["toy_version"] == 3
+
+
+def test_every_step_that_loads_images_takes_the_workers_flag(capsys):
+    """run.py gives every step `--workers N` unless its script is in NO_LOADER: each such script must accept the
+    flag (its --help lists it), and a NO_LOADER script must not (else it would silently keep its own default)."""
+    import importlib
+    import re as _re
+    scripts = sorted({m for p in bench.PIPELINES for cmd, _ in p["steps"]
+                      for m in _re.findall(r"\{py\} (\S+\.py)", cmd)})
+    assert len(scripts) > 15 and set(bench.NO_LOADER) <= set(scripts)
+    for script in scripts:
+        mod = importlib.import_module(script[:-3].replace("/", "."))
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--help"])
+        takes = "--workers" in capsys.readouterr().out
+        assert takes == (script not in bench.NO_LOADER), script
+    assert bench.with_workers("{py} mada/test.py --out x", 0).endswith("--out x --workers 0")
+    assert bench.with_workers("{py} mada/select_active.py --out x", 0) == "{py} mada/select_active.py --out x"
+    assert bench.with_workers("{py} mada/test.py --workers 3", 0) == "{py} mada/test.py --workers 3"
