@@ -35,7 +35,7 @@ from PIL import Image
 
 from common import cli, labels as L, pictures as P, runtime as rt
 from common.bisenet import make_bisenet
-from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_batches, eval_loader, infinite_loader,
+from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_batches, infinite_loader,
                              resolve_domain, train_set)
 from common.evaluate import evaluate, predict_logits
 from common.metrics import ConfusionMatrix, format_table
