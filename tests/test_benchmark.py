@@ -54,10 +54,10 @@ FAKE_STEP = '''
 import argparse, json, pathlib, time
 ap = argparse.ArgumentParser()
 ap.add_argument("--out"); ap.add_argument("--iters", type=int); ap.add_argument("--miou", type=float)
-ap.add_argument("--sleep", type=float, default=0.0)
+ap.add_argument("--sleep", type=float, default=0.0); ap.add_argument("--workers", type=int, default=2)
 a = ap.parse_args()
 out = pathlib.Path(a.out); out.mkdir(parents=True, exist_ok=True)
-(out / "config.json").write_text(json.dumps({"iters": a.iters, "stop_iter": a.iters}))
+(out / "config.json").write_text(json.dumps({"iters": a.iters, "stop_iter": a.iters, "workers": a.workers}))
 with open(out / "log.jsonl", "a") as f:
     for it in range(a.iters):
         f.write(json.dumps({"time": time.time(), "iter": it, "loss": 1.0}) + "\\n"); f.flush()
@@ -123,6 +123,8 @@ def test_a_run_writes_under_out_and_publishes_only_with_the_flag(tmp_path, monke
     assert _snapshot(pub.parent) == before  # the published table is untouched without --publish
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["Fake source", "Fake oracle"]
+    # every step got the benchmark's --workers (default 0: data loaded in the step's own process)
+    assert json.loads((out / "seed0" / "src" / "config.json").read_text())["workers"] == 0
     assert (out / "results.md").exists() and (out / "results.png").exists()
     # --publish: the rows found in OUT replace theirs, the published row this run did not produce stays
     assert bench.main(["--report", "--publish", "--out", str(out)]) == 0

@@ -37,15 +37,16 @@ TRAIN_ID, BUS_ID = 31, 28  # Cityscapes label ids
 
 
 class Fixed(torch.nn.Module):
-    """A 'model' that returns the given logits, one image after the other (evaluate with workers=0)."""
+    """A 'model' that returns the given logits (each (1, C, H, W)) of the next x.shape[0] images, in order
+    (evaluate batches same-size images: common.datasets.eval_batches)."""
 
     def __init__(self, logits):
         super().__init__()
         self.logits, self.i, self.w = logits, 0, torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        out = self.logits[self.i]
-        self.i += 1
+        out = torch.cat(self.logits[self.i:self.i + x.shape[0]])
+        self.i += x.shape[0]
         return {"out": out}
 
 
