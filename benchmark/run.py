@@ -579,7 +579,8 @@ class Progress:
             self.finished += ok
             val = e["tail"].poll().val if e.get("tail") else None
         extra = f", last val mIoU {val:.1f}" if val is not None else ""
-        if not ok and log is not None and Path(log).exists():  # the step's last words, from its log
+        if not ok and not self.stopping and log is not None and Path(log).exists():  # a failed step's last words
+            # (not a stopped one's: those end in the KeyboardInterrupt / SIGTERM the stop sent it)
             last = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()][-2:]
             extra += f"; log {rel(log)} ends:" + "".join(f"\n    {ln[:300]}" for ln in last)
         self.message(f"[bench] {'done' if ok else 'stopped' if self.stopping else 'FAILED'} step {e.get('k', '?')} "
