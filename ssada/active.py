@@ -52,12 +52,12 @@ def epoch_plan(n, init, increments, sample_epochs, epochs, batch_size, epoch_ite
     return lengths, starts
 
 
-@torch.no_grad()
 def image_scores(logits, class_iou):
     """All acquisition scores of one image from its logits (1, C, H, W) and the class IoUs (C,) in [0, 1]."""
     return batch_image_scores(logits, class_iou)[0]
 
 
+@torch.no_grad()
 def batch_image_scores(logits, class_iou):
     """image_scores of each image of a batch, logits (B, C, H, W): one softmax per pixel serves all criteria.
     entropy: mean normalised entropy (common.losses.entropy_map); confidence: mean max probability; iou_score:
@@ -67,7 +67,7 @@ def batch_image_scores(logits, class_iou):
     ent = self_information(prob).sum(1).mean((1, 2))  # = entropy_map(logits).mean() per image
     iou_s = torch.as_tensor(class_iou, dtype=torch.float32, device=pred.device)[pred].mean((1, 2))
     conf = conf.mean((1, 2))
-    return [{"entropy": float(e), "confidence": float(c), "iou_score": float(u), "entropy_iou": float(e) + (1.0 - float(u))}
+    return [{"entropy": e, "confidence": c, "iou_score": u, "entropy_iou": e + (1.0 - u)}
             for e, c, u in zip(ent.tolist(), conf.tolist(), iou_s.tolist())]
 
 
