@@ -156,7 +156,8 @@ def adabn(model, data, device, amp=None, max_images=0, batch_size=8, workers=2, 
     if max_images:
         order = order[:max_images]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=batch_size,
-                                         num_workers=workers, drop_last=len(order) > batch_size)
+                                         num_workers=workers, drop_last=len(order) > batch_size,
+                                         generator=torch.Generator())  # not a draw from the global RNG
     model.train()
     for batch in loader:
         with autocast(device, amp):

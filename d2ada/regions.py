@@ -263,9 +263,11 @@ def extract_regions(model, base, indices, size_hw, norm, device, amp=None, batch
     was = model.training
     model.eval()
     align = getattr(model, "align_corners", True)
+    # its own generator: starting the loader must not draw from the global RNG, or the training that follows
+    # would depend on how many region passes ran (D2ADA runs 1-3 a round, random regions none)
     loader = torch.utils.data.DataLoader(_ExtractSet(base, indices, size_hw, norm, transform, seed),
                                          batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=_collate)
+                                         collate_fn=_collate, generator=torch.Generator())
     cols = {k: [] for k in ("image", "region", "pixels", "feat", "prob", "entropy")}
     for x, sps, idx in tqdm(loader, desc=desc, disable=desc is None, mininterval=5):
         with autocast(device, amp):

@@ -57,6 +57,41 @@ def test_region_stats_against_direct_masked_mean(align_corners, fhw, shw):
         assert torch.equal(st_b[key], st_f[key]), key
 
 
+class _TinyFeatNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.c = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x, return_feat=False):
+        f = self.f(x)
+        return {"feat": f, "out": self.c(f)} if return_feat else self.c(f)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_extract_regions_leaves_the_global_rng_alone(tmp_path, workers):
+    """A region pass must not draw from the global torch RNG (a DataLoader without its own generator draws
+    its base seed from it): D2ADA's training would then depend on how many passes ran, and its random-regions
+    control (no pass) would not start each round's training from the same RNG state."""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        path = tmp_path / "img" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).save(path)
+        sp = R.slic_regions(np.asarray(Image.open(path)), n_segments=6)
+        R.write_png_atomic(sp, R.superpixel_path(tmp_path, path))
+        files.append((str(path), None))
+    base = SimpleNamespace(files=files, root=str(tmp_path))
+    net = _TinyFeatNet()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    out = R.extract_regions(net, base, range(3), (16, 24), "imagenet",
+                            torch.device("cpu"), batch_size=2, workers=workers)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert sorted(set(out["image"].tolist())) == [0, 1, 2] and out["feat"].shape[1] == 4
+
+
 def test_random_selection_reads_only_the_region_inventory():
     """The random baseline takes its region table from region_inventory (no model pass): the same image /
     region / pixel columns as extract_regions' region_stats, hence the same picks."""
