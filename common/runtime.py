@@ -433,8 +433,11 @@ def _on_sigint(signum, frame):
 
 
 def last_checkpoint(out):
-    """(path, iteration) of the newest checkpoint*.pth in a run folder, or (None, None)."""
+    """(path, iteration) of the newest checkpoint*.pth in a run folder, else in its subfolders (a script that
+    trains one run per subfolder, as madan/train_classifiers.py), or (None, None)."""
     found = sorted(Path(out).glob("checkpoint*.pth"), key=lambda p: p.stat().st_mtime) if out else []
+    if out and not found:
+        found = sorted(Path(out).glob("*/checkpoint*.pth"), key=lambda p: p.stat().st_mtime)
     if not found:
         return None, None
     try:
@@ -453,10 +456,11 @@ def resume_command(argv=None):
     return shlex.join(["python", script] + rest)
 
 
-def run_main(main, parse_args):
+def run_main(main, parse_args, on_stop=None):
     """`if __name__ == "__main__": rt.run_main(main, parse_args)`: bad input (InputError, a dataset layout
     error) ends with one `error:` line and exit 2; Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run
-    and print one line with the last checkpoint's iteration and the exact command that resumes it."""
+    and print one line with the last checkpoint's iteration and the exact command that resumes it, or
+    `on_stop` (what to do instead, for a script that continues by itself when run again: a pipeline)."""
     from .datasets import DatasetError, DatasetLayoutError
     signal.signal(signal.SIGTERM, _on_sigterm)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
@@ -482,7 +486,9 @@ def run_main(main, parse_args):
         signal.signal(signal.SIGTERM, _ignore_signal)
         if int(os.environ.get("RANK", 0)) == 0:
             out = getattr(args, "out", None)
-            if args is None or not hasattr(args, "resume"):
+            if on_stop is not None:
+                msg = on_stop
+            elif args is None or not hasattr(args, "resume"):
                 msg = "this script keeps no checkpoint: run the same command again"
             else:
                 path, it = last_checkpoint(out)

@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python mada/run_pipeline.py` finds common/
+
+from common import runtime as rt  # noqa: E402
+
 PY = sys.executable
 FINAL_SCRIPT = {"mada": "train_stage2.py", "madav2": "train_stage2_semi.py", "random": None}
 
@@ -64,14 +68,17 @@ def steps(o, variants, seed, quick):
     return out
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["mada", "madav2"], choices=["mada", "madav2", "random"],
                     help="selection criteria to run the chain for (random: stage 1 only, a baseline)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/mada/pipeline", help="folder of every step's run")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the chain in seconds")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(args):
     o = str(Path(args.out))
     record, t_all = {"steps": {}, "test_mIoU": {}}, time.time()
     for name, cmd, done in steps(o, args.variants, args.seed, args.quick):
@@ -96,4 +103,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    rt.run_main(main, parse_args, on_stop="run the same command again: finished steps are skipped and an "
+                "interrupted training step resumes from its checkpoint")

@@ -15,7 +15,8 @@ run as a subprocess with its toy defaults; the commands are printed so that you 
     python madan/run_pipeline.py --rounds 2 --out runs/madan_r2
     python madan/run_pipeline.py --skip-baselines     # MADAN only (steps 1-5, 8)
 
-Finished steps are skipped on a re-run (their final.json exists), so an interrupted pipeline continues.
+Finished steps are skipped on a re-run (their final.json exists) and an interrupted training step resumes
+from its checkpoint, so an interrupted pipeline continues where it stopped.
 The translated images are shown in OUT/grid.png (source | translated | target).
 """
 import argparse
@@ -27,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python madan/run_pipeline.py` finds common/
+
+from common import runtime as rt  # noqa: E402
+
 SOURCES = ["toy_synthia", "toy_gta5"]
 
 
@@ -49,6 +54,10 @@ def step(cmd, done, log):
     if Path(done).exists():
         print(f"[pipeline] skip (done): {' '.join(cmd)}", flush=True)
         return 0.0
+    run_dir = Path(cmd[cmd.index("--out") + 1])
+    if Path(cmd[0]).name.startswith("train_") and (any(run_dir.glob("checkpoint.pth"))
+                                                    or any(run_dir.glob("*/checkpoint.pth"))):
+        cmd = [*cmd, "--resume"]  # an interrupted training step continues from its last checkpoint
     print(f"[pipeline] $ python {' '.join(cmd)}", flush=True)
     t0 = time.time()
     with open(log, "a") as f:
@@ -133,4 +142,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args, on_stop="run the same command again: finished steps are skipped and an "
+                "interrupted training step resumes from its checkpoint")

@@ -17,6 +17,7 @@ SYNTHIA and GTA5, FCN8s-VGG16 (upstream used DRN-26 / FCN8s source models):
         --target cityscapes --target-root /data/cityscapes --init /weights/vgg16-397923af.pth
 Several processes:
     torchrun --nproc_per_node=2 madan/train_classifiers.py
+Stopped (Ctrl-C): the same command with --resume keeps the finished sources and continues the stopped one.
 """
 import argparse
 import copy
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/script.py` finds common/
 
+from common import runtime as rt
 from madan import train_segmenter
 from madan.util import split_list
 
@@ -44,9 +46,14 @@ def main(args):
         one.source, one.source_root = name, (roots[i] if roots else None)
         one.out = str(Path(args.out) / name)
         # -- end of method --
+        # --resume: a finished source is kept, one stopped mid-way continues, one not started yet starts from 0
+        if args.resume and (Path(one.out) / "final.json").exists():
+            print(f"[classifiers] source {i + 1}/{len(names)}: {name} finished already ({one.out})", flush=True)
+            continue
+        one.resume = args.resume and (Path(one.out) / "checkpoint.pth").exists()
         print(f"[classifiers] source {i + 1}/{len(names)}: {name} -> {one.out}", flush=True)
         train_segmenter.main(one)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    rt.run_main(main, parse_args)

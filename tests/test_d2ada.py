@@ -282,7 +282,11 @@ def test_scripts_end_to_end_and_resume(tiny, tmp_path):
     stamp = R.superpixel_path(tiny / "city", imgs[0]).stat().st_mtime_ns
     superpixels.main(superpixels.parse_args(["--dataset", "toy_cityscapes", "--data-root", str(tiny / "city")]))
     assert R.superpixel_path(tiny / "city", imgs[0]).stat().st_mtime_ns == stamp  # skipped, not redone
-    superpixels.main(superpixels.parse_args(["--dataset", "toy_gta5", "--data-root", str(tiny / "gta")]))
+    superpixels.main(superpixels.parse_args(["--dataset", "toy_gta5", "--data-root", str(tiny / "gta"),
+                                             "--workers", "2"]))  # threads: the same maps as one at a time
+    for im in sorted((tiny / "gta" / "images").glob("*.png"))[:3]:
+        expect = R.slic_regions(np.asarray(Image.open(im).convert("RGB")), superpixels.TOY_SEGMENTS)
+        assert np.array_equal(np.asarray(Image.open(R.superpixel_path(tiny / "gta", im))), expect)
 
     w = tmp_path / "warmup"
     run_script("d2ada/warmup.py", *data_args(tiny), "--iters", 2, "--batch-size", 2, "--eval-every", 2,

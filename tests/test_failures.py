@@ -220,6 +220,35 @@ def test_help_texts_have_no_joined_continuation_lines():
         assert written.count("\\\n") == doc.count("\\\n"), f"{path.name}: make the docstring raw (r\"\"\"...)"
 
 
+def test_every_method_script_runs_under_run_main():
+    """Every script of a method folder ends in `rt.run_main(main, parse_args...)`: bad input is one error line,
+    Ctrl-C / SIGTERM one [stopped] line with what to do next (no traceback)."""
+    missing = []
+    for d in ("advent_maxsquare", "mada", "d2ada", "madan", "ssada"):
+        for path in sorted((ROOT / d).glob("*.py")):
+            if path.name.startswith("bench_"):  # the selection micro-benchmarks: no run, nothing to resume
+                continue
+            tree = ast.parse(path.read_text())
+            mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+            if mains and "run_main(main, parse_args" not in ast.unparse(mains[0]):
+                missing.append(f"{d}/{path.name}")
+    assert not missing, missing
+
+
+def test_last_checkpoint_looks_in_subfolders_only_when_the_folder_has_none(tmp_path):
+    """A script that trains one run per subfolder (madan/train_classifiers.py) reports the newest of theirs."""
+    from common.runtime import last_checkpoint
+    assert last_checkpoint(tmp_path) == (None, None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torch.save({"iter": 4}, tmp_path / "a" / "checkpoint.pth")
+    time.sleep(0.05)
+    torch.save({"iter": 2}, tmp_path / "b" / "checkpoint.pth")
+    assert last_checkpoint(tmp_path) == (tmp_path / "b" / "checkpoint.pth", 2)
+    torch.save({"iter": 6}, tmp_path / "checkpoint.pth")  # the folder's own checkpoint comes first
+    assert last_checkpoint(tmp_path) == (tmp_path / "checkpoint.pth", 6)
+
+
 def test_zero_or_negative_intervals_are_refused():
     """--eval-every 0 used to die mid-run with ZeroDivisionError after the first iteration."""
     for flag, value in (("--eval-every", "0"), ("--save-every", "-1"), ("--iters", "0"), ("--batch-size", "x")):
@@ -247,6 +276,25 @@ def test_stop_signal_to_the_process_group_with_loader_workers(tmp_path, tiny_toy
     lines = [ln for ln in se.splitlines() if ln.strip()]
     assert proc.returncode == code and "Traceback" not in se, (proc.returncode, se[-3000:])
     assert len(lines) == 1 and lines[0].startswith(f"[stopped] {word}: last checkpoint {out / 'checkpoint.pth'}"), se
+
+
+def test_a_stopped_pipeline_says_the_same_command_continues(tmp_path):
+    """mada/run_pipeline.py (a chain of scripts, each in a subprocess) stopped mid-step: exit 130, no traceback,
+    one line saying that the same command continues (it skips finished steps and resumes a training step)."""
+    out = tmp_path / "pipe"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "mada/run_pipeline.py", "--quick", "--variants", "random", "--out",
+                             str(out)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "warmup" / "config.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # the pipeline's own process; it ends the running step
+    so, se = proc.communicate(timeout=120)
+    lines = [ln for ln in se.splitlines() if ln.strip()]
+    assert proc.returncode == 130 and "Traceback" not in se, (proc.returncode, se[-3000:])
+    assert lines == ["[stopped] Ctrl-C: run the same command again: finished steps are skipped and an interrupted "
+                     "training step resumes from its checkpoint"], se
+    assert not (out / "warmup" / "final.json").exists()
 
 
 def test_a_stop_silences_the_dataloader_sigchld_handler():

@@ -5,6 +5,7 @@ tiny copy of the toy domains (SEGDA_DATA), with resume (the GAN's full state: ne
 import json
 import math
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -221,8 +222,16 @@ def test_scripts_end_to_end_with_resume(tmp_path):
     small = ["--crop-size", "36,64"]
     run = lambda script, *a: run_script(f"madan/{script}", *a, env=env)  # noqa: E731
     # 1. per-source classifiers (DSC), 2 iterations each
-    run("train_classifiers.py", "--iters", "2", "--eval-every", "2", *tiny, *small, "--out", tmp_path / "cls")
+    cls_args = ["--iters", "2", "--eval-every", "2", *tiny, *small, "--out", tmp_path / "cls"]
+    run("train_classifiers.py", *cls_args)
     clf = ",".join(str(tmp_path / "cls" / s / "model.pth") for s in ("toy_synthia", "toy_gta5"))
+    #    --resume keeps a finished source and starts one that never started (here: removed) from iteration 0
+    kept = (tmp_path / "cls" / "toy_synthia" / "model.pth").read_bytes()
+    shutil.rmtree(tmp_path / "cls" / "toy_gta5")
+    p = run("train_classifiers.py", *cls_args, "--resume")
+    assert "toy_synthia finished already" in p.stdout and "resumed" not in p.stdout
+    assert (tmp_path / "cls" / "toy_synthia" / "model.pth").read_bytes() == kept
+    assert json.loads((tmp_path / "cls" / "toy_gta5" / "final.json").read_text())["iters"] == 2
     # 2. translation with every term active from the first step (DSC, SAD, CCD, HF-CCD), stopped and resumed
     tr = ["--classifiers", clf, "--epoch-iters", "1", "--max-epoch", "3", "--sad-frozen-epoch", "0",
           "--ccd-frozen-epoch", "0", "--hf-ccd", "--save-every", "2", "--fine-size", "32,64", *tiny,
@@ -267,6 +276,30 @@ def test_scripts_end_to_end_with_resume(tmp_path):
             "--out", tmp_path / "eval_adabn")
     assert "AdaBN: BN statistics re-estimated on" in p.stdout
     assert json.loads((tmp_path / "eval_adabn" / "final.json").read_text())["adabn"] is True
+
+
+def test_pipeline_resumes_an_interrupted_training_step(tmp_path, monkeypatch):
+    """run_pipeline.py re-run after a stop: a finished step is skipped, a training step whose run folder (or a
+    per-source subfolder, for the classifiers) holds a checkpoint gets --resume, any other step runs as is."""
+    from madan import run_pipeline
+    calls = []
+    monkeypatch.setattr(run_pipeline.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd[1:]) or subprocess.CompletedProcess(cmd, 0))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "final.json").write_text("{}")
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "checkpoint.pth").write_bytes(b"")
+    (tmp_path / "cls" / "toy_gta5").mkdir(parents=True)
+    (tmp_path / "cls" / "toy_gta5" / "checkpoint.pth").write_bytes(b"")
+    log = tmp_path / "pipeline.log"
+    step = lambda script, out: run_pipeline.step([f"madan/{script}", "--out", str(tmp_path / out)],  # noqa: E731
+                                                 tmp_path / out / "final.json", log)
+    assert step("train_segmenter.py", "done") == 0.0 and calls == []
+    step("train_segmenter.py", "seg")
+    step("train_classifiers.py", "cls")
+    step("train_adda.py", "adda")
+    step("translate.py", "seg")
+    assert [c[-1] == "--resume" for c in calls] == [True, True, False, False]
 
 
 def test_translation_and_segmenter_under_torchrun(tmp_path):
