@@ -196,11 +196,12 @@ def test_ctrl_c_stops_the_step_keeps_finished_ones_and_exits_130(tmp_path):
               f"sys.exit(run.main(['--out', {str(tmp_path / 'out')!r}, '--progress-every', '0.2']))\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    log = tmp_path / "out/seed0/slow/log.jsonl"
-    for _ in range(600):
-        if log.exists():
+    log, done = tmp_path / "out/seed0/slow/log.jsonl", tmp_path / "out/seed0/src/final.json"
+    for _ in range(600):  # the slow step running and the fast one (run beside it, --jobs 2) finished
+        if log.exists() and done.exists():
             break
         time.sleep(0.1)
+    time.sleep(0.5)  # the runner sees the fast step's exit
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     text = proc.communicate(timeout=60)[0]
