@@ -178,7 +178,8 @@ PIPELINES = [
          "--selection {base}/mada/select_mada --out {base}/mada/stage1_mada", "{base}/mada/stage1_mada/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/stage1_mada/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="MADA stage 2 (5% images)", method="mada", labels="5% of target images (20)", steps=[
+    dict(name="MADA stage 2 (5% images)", method="mada", labels="5% of target images (20)",
+         control="MADA stage 2, target losses weighted 0 (control)", steps=[
         ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada/model.pth "
          "--out {base}/mada/features/target_stage1_mada", "{base}/mada/features/target_stage1_mada/final.json"),
         ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_stage1_mada "
@@ -187,6 +188,20 @@ PIPELINES = [
          "--anchors {base}/mada/anchors/target_stage1_mada --selection {base}/mada/select_mada "
          "--out {base}/mada/stage2_mada", "{base}/mada/stage2_mada/final.json"),
         ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada/model.pth --split test --out {run}/eval",
+         "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # Control of stage 2: the same script from the same stage-1 model, with its target terms (pseudo-label CE and
+    # the anchor loss) weighted 0: active + source CE for the same iterations, target batches still forwarded
+    # (BN statistics). Stage 2 minus this row is what the pseudo labels and anchors add.
+    dict(name="MADA stage 2, target losses weighted 0 (control)", method="mada", labels="5% of target images (20)",
+         steps=[
+        ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada/model.pth "
+         "--out {base}/mada/features/target_stage1_mada", "{base}/mada/features/target_stage1_mada/final.json"),
+        ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_stage1_mada "
+         "--out {base}/mada/anchors/target_stage1_mada", "{base}/mada/anchors/target_stage1_mada/final.json"),
+        ("{py} mada/train_stage2.py --seed {seed} --lambda-pseudo 0 --lambda-anchor 0 "
+         "--init-from {base}/mada/stage1_mada/model.pth --anchors {base}/mada/anchors/target_stage1_mada "
+         "--selection {base}/mada/select_mada --out {base}/mada/stage2_mada_w0", "{base}/mada/stage2_mada_w0/final.json"),
+        ("{py} mada/test.py --checkpoint {base}/mada/stage2_mada_w0/model.pth --split test --out {run}/eval",
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # Ablation (issue 14): absent classes masked out of the anchor distance instead of upstream's zero rows.
     dict(name="MADA stage 1, absent classes masked (ablation)", method="mada", labels="5% of target images (20)",
@@ -414,9 +429,16 @@ PIPELINES = [
         ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl/source_model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
-    dict(name="TUFL: focal, fixed tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none", steps=[
+    dict(name="TUFL: focal, fixed tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none",
+         control="TUFL: focal weighted 0 (control)", steps=[
         ("{py} ssada/train_tufl.py --seed {seed} --out {base}/tufl", "{base}/tufl/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl/model.pth --target toy_crosscity --split test "
+         "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
+    # Control of the focal loss: the same run (same phase 1, same phase-2 batches, target views still forwarded)
+    # with lambda_u = 0, i.e. phase 2 is continued supervised source training.
+    dict(name="TUFL: focal weighted 0 (control)", method="ssada", ref="tufl", labels="none", steps=[
+        ("{py} ssada/train_tufl.py --unsup-coeff 0 --seed {seed} --out {base}/tufl_w0", "{base}/tufl_w0/final.json"),
+        ("{py} ssada/test.py --checkpoint {base}/tufl_w0/model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
     dict(name="TUFL: focal, adaptive tau (toy CS->CrossCity)", method="ssada", ref="tufl", labels="none",
          control="TUFL: focal, fixed tau (toy CS->CrossCity)", steps=[
