@@ -10,7 +10,7 @@ memory) as Markdown, JSON and a bar chart PNG.
     python benchmark/run.py --report                # the table of what has finished in benchmark/out; runs nothing
     python benchmark/run.py --report --publish      # ... written to the committed benchmark/results.* instead
     python benchmark/run.py --jobs 1                # one step at a time, all cores each (default --jobs 2)
-    python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations)
+    python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations, 2 controls)
     python benchmark/run.py --toy-version 2         # the table before issue 17 (benchmark/results_v2.*)
     OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
 
@@ -191,9 +191,10 @@ PIPELINES = [
          "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # Control of stage 2: the same script from the same stage-1 model, with its target terms (pseudo-label CE and
     # the anchor loss) weighted 0: active + source CE for the same iterations, target batches still forwarded
-    # (BN statistics). Stage 2 minus this row is what the pseudo labels and anchors add.
+    # (BN statistics). Stage 2 minus this row is what the pseudo labels and anchors add. Extra (with the TUFL
+    # control below): the 43 default rows already take ~39 min a seed on 2 cores; both are in the published table.
     dict(name="MADA stage 2, target losses weighted 0 (control)", method="mada", labels="5% of target images (20)",
-         steps=[
+         extra=True, steps=[
         ("{py} mada/save_features.py --domain target --checkpoint {base}/mada/stage1_mada/model.pth "
          "--out {base}/mada/features/target_stage1_mada", "{base}/mada/features/target_stage1_mada/final.json"),
         ("{py} mada/cluster_anchors.py --seed {seed} --features {base}/mada/features/target_stage1_mada "
@@ -436,7 +437,7 @@ PIPELINES = [
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
     # Control of the focal loss: the same run (same phase 1, same phase-2 batches, target views still forwarded)
     # with lambda_u = 0, i.e. phase 2 is continued supervised source training.
-    dict(name="TUFL: focal weighted 0 (control)", method="ssada", ref="tufl", labels="none", steps=[
+    dict(name="TUFL: focal weighted 0 (control)", method="ssada", ref="tufl", labels="none", extra=True, steps=[
         ("{py} ssada/train_tufl.py --unsup-coeff 0 --seed {seed} --out {base}/tufl_w0", "{base}/tufl_w0/final.json"),
         ("{py} ssada/test.py --checkpoint {base}/tufl_w0/model.pth --target toy_crosscity --split test "
          "--out {run}/eval", "{run}/eval/final.json")], result="{run}/eval/final.json"),
@@ -1186,7 +1187,7 @@ def main(argv=None):
     ap.add_argument("--toy-version", type=int, default=3, choices=(2, 3), help="the toy domains the rows run on "
                     "(SEGDA_TOY_VERSION for every step; default 3, the published table; 2 = the table before issue "
                     "17, published as benchmark/results_v2.*). A row's result counts only for its own version")
-    ap.add_argument("--extra", action="store_true", help="also run the extra rows (precision parity, ablations: "
+    ap.add_argument("--extra", action="store_true", help="also run the extra rows (precision parity, ablations, two loss-weighted-0 controls: "
                     "marked extra in PIPELINES), which the default table leaves out to keep a seed under 40 "
                     "minutes on 2 cores; --only runs a named extra row without it")
     ap.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines when the "
