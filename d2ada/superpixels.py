@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    f"toy {TOY_SEGMENTS})")
     p.add_argument("--compactness", type=float, default=10.0, help="SLIC compactness")
     p.add_argument("--workers", type=int, default=1, help="threads (SLIC and the PNG codecs release the GIL: 2 "
-                   "threads took 1.8x less time than 1 on 2 cores, at 2048x1024 and at toy size)")
+                   "threads took 1.7-2.0x less time than 1 on 2 cores, at 2048x1024 and at toy size)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (a quick look)")
     p.add_argument("--summary", default=None, help="also write a JSON summary here when done (a 'done' file)")
     return p.parse_args(argv)
