@@ -12,6 +12,9 @@ memory) as Markdown, JSON and a bar chart PNG.
     python benchmark/run.py --jobs 1                # one step at a time, all cores each (default --jobs 2)
     python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations, 2 controls)
     python benchmark/run.py --toy-version 2         # the table before issue 17 (benchmark/results_v2.*)
+    python benchmark/run.py --budget-scale 4 --eval-split val --only "ADVENT MinEnt" "Source only, continued (control)"
+                                                    # 4x the toy training length, on val (issue 28; the grid of
+                                                    # training lengths is benchmark/budget_curves.py)
     OMP_NUM_THREADS=2 python benchmark/run.py --jobs 8   # 8 pipeline-seeds at once (a bigger machine)
 
 Toy domains: v3 by default (common/README.md "Toy domains v3": a per-image / per-instance appearance shift that
@@ -792,6 +795,95 @@ def folders(p):
     return {m for cmd, done in p["steps"] for m in re.findall(r"\{base\}/([^/\s,]+)", cmd + " " + done)}
 
 
+def written(p):
+    """The {base}/<folder> names a pipeline's steps write (the first folder of each step's --out and done file)."""
+    return {m for cmd, done in p["steps"] for m in re.findall(r"\{base\}/([^/\s,]+)",
+                                                                " ".join(re.findall(r"--out\s+(\S+)", cmd)) + " " + done)}
+
+
+def depends(later, earlier):
+    """A pipeline waits for an earlier one when one of them writes a folder the other touches (two rows that only
+    read the same source model run side by side; rows sharing a written step run in order, the step once)."""
+    return bool(written(earlier) & folders(later) or written(later) & folders(earlier))
+
+
+# ---- budget curves (issue 28): the same rows with their training stretched -------------------------------------
+# The training steps whose length --budget-scale multiplies (d2ada/train_ada.py: the iterations of every round). Their
+# --iters, --eval-every and --save-every become K x the script's TOY preset (read from the script, so the two cannot
+# drift apart); the poly schedule runs over the new --iters, i.e. the same schedule stretched. Every folder a scaled
+# step writes, and every folder written by a step that reads one of them, gets the suffix _x<K>, so that all scales
+# share the unscaled steps (source model, warm-ups, features, selections of the warm-up model) in one OUT.
+SCALED = ("advent_maxsquare/train_maxsquare.py", "advent_maxsquare/train_adaptseg.py",
+          "advent_maxsquare/train_advent.py", "mada/train_stage1.py", "d2ada/train_ada.py")
+
+
+def toy_preset(script):
+    """The literal values of a script's TOY preset dict (its toy defaults), read from its source."""
+    import ast
+    for node in ast.parse((ROOT / script).read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TOY" for t in node.targets):
+            out = {}
+            for kw in node.value.keywords:
+                try:
+                    out[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:  # a name such as SOURCE_CKPT
+                    pass
+            return out
+    raise ValueError(f"{script} has no TOY preset dict")
+
+
+def scale_tag(k):
+    return f"x{k:g}"
+
+
+def budget_variant(pipelines, k, split="test"):
+    """The pipelines with every SCALED training step run K times longer and evaluated on `split`: a changed row is
+    renamed '<name> [x<K>]' (and '[..., val]' off the test split), its control likewise, so that every scale and
+    split of a row keeps its own {run} folder and pairs with its own control. K = 1 on test: the rows unchanged."""
+    if k <= 0:
+        raise ValueError(f"--budget-scale must be positive, got {k}")
+    renamed, out = {}, []  # folder under {base} (the --out of a step) -> its _x<K> name
+
+    def rename(text):
+        for old, new in renamed.items():
+            text = re.sub(r"\{base\}/" + re.escape(old) + r"(?=[/\s,]|$)", "{base}/" + new, text)
+        return text
+
+    changed = set()
+    for p in pipelines:
+        steps, scaled_row = [], False
+        for cmd, done in p["steps"]:
+            script = cmd.split()[1]
+            m = re.search(r"--out\s+\{base\}/(\S+)", cmd)
+            reads_scaled = rename(cmd) != cmd
+            if k != 1 and m and (script in SCALED or reads_scaled):
+                renamed.setdefault(m.group(1), f"{m.group(1)}_{scale_tag(k)}")
+            cmd, done = rename(cmd), rename(done)
+            if k != 1 and script in SCALED:
+                toy = toy_preset(script)
+                cmd += f" --iters {max(1, round(k * toy['iters']))}"
+                for key in ("eval_every", "save_every"):
+                    if key in toy:
+                        cmd += f" --{key.replace('_', '-')} {max(1, round(k * toy[key]))}"
+            scaled_row |= cmd != p["steps"][len(steps)][0]
+            if split != "test":
+                cmd = cmd.replace("--split test", f"--split {split}")
+            steps.append((cmd, done))
+        tags = ([scale_tag(k)] if scaled_row else []) + ([split] if split != "test" else [])
+        q = dict(p, steps=steps, result=rename(p["result"]))
+        if p.get("selection"):
+            q["selection"] = (p["selection"][0], rename(p["selection"][1]))
+        if tags:
+            q["name"] = f"{p['name']} [{', '.join(tags)}]"
+            changed.add(p["name"])
+        out.append(q)
+    tag_of = {p["name"]: q["name"] for p, q in zip(pipelines, out)}
+    for q in out:
+        if q.get("control"):
+            q["control"] = tag_of.get(q["control"], q["control"])
+    return out
+
+
 def run_parallel(chosen, seeds, out, jobs, progress=None):
     """Run pipeline-seeds `jobs` at a time; a pipeline-seed starts once every earlier chosen pipeline of its seed
     that shares a {base} folder with it has finished. With one job they run seed by seed in table order (a whole
@@ -802,7 +894,7 @@ def run_parallel(chosen, seeds, out, jobs, progress=None):
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
     progress = progress or Progress(stream=open(os.devnull, "w"))
     keys = [(i, s) for i in range(len(chosen)) for s in seeds]
-    deps = {(i, s): {(j, s) for j in range(i) if folders(chosen[j]) & folders(chosen[i])} for i, s in keys}
+    deps = {(i, s): {(j, s) for j in range(i) if depends(chosen[i], chosen[j])} for i, s in keys}
     dependents = {k: set() for k in keys}
     for k in reversed(sorted(keys)):  # later pipelines first, so a dependent's own set is complete
         for d in deps[k]:
@@ -1075,12 +1167,13 @@ def diagnostics_table(rows):
     return "\n".join(lines)
 
 
-def report(out, seeds, dest, version=None):
+def report(out, seeds, dest, version=None, pipelines=None, split="test"):
     """Aggregate the finished results in OUT (of the seeds given: every seed<N> there after a run, and for --report
     unless --seeds is given) into DEST.md/.json/.png.
     Publishing (DEST = the committed benchmark/results) replaces the published rows this run has and keeps the
     others. Nothing finished: says so and writes nothing. Returns whether a table was written."""
-    rows = table(out, seeds, version)
+    pipelines = pipelines or PIPELINES
+    rows = table(out, seeds, version, pipelines)
     if not rows:
         print(f"[bench] no finished row in {rel(out)} for seed(s) {seeds}: nothing written "
               f"(the published table is {rel(PUBLISHED)}.md)", flush=True)
@@ -1090,9 +1183,9 @@ def report(out, seeds, dest, version=None):
         new = {r["name"] for r in rows}
         old = {r["name"]: r for r in json.loads(dest.with_suffix(".json").read_text())
                if r.get("toy_version", 2) == rows[0].get("toy_version", 2)}
-        kept = [n for n in old if n not in new and any(p["name"] == n for p in PIPELINES)]
-        dropped = [n for n in old if not any(p["name"] == n for p in PIPELINES)]
-        order = {p["name"]: i for i, p in enumerate(PIPELINES)}
+        kept = [n for n in old if n not in new and any(p["name"] == n for p in pipelines)]
+        dropped = [n for n in old if not any(p["name"] == n for p in pipelines)]
+        order = {p["name"]: i for i, p in enumerate(pipelines)}
         rows = sorted(rows + [old[n] for n in kept], key=lambda r: order[r["name"]])
         if kept:
             print(f"[bench] publishing {len(new)} row(s); {len(kept)} published row(s) this run did not produce are "
@@ -1108,7 +1201,7 @@ def report(out, seeds, dest, version=None):
         src, orc = (by_name.get(n) for n in REFS.get(r["ref"], ("", "")))
         r["gap_closed"] = ((r["mean"] - src["mean"]) / (orc["mean"] - src["mean"])
                            if src and orc and orc["mean"] != src["mean"] else None)
-    lines = ["| method | folder | target labels used | toy test mIoU | per seed | gap closed | minus its control, paired "
+    lines = [f"| method | folder | target labels used | toy {split} mIoU | per seed | gap closed | minus its control, paired "
              "| wall time / seed | peak RSS | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
     controls = {}
     for r in rows:
@@ -1126,7 +1219,9 @@ def report(out, seeds, dest, version=None):
     versions = sorted({r.get("toy_version", 2) for r in rows})
     md = "\n".join(lines) + (
         f"\n\nToy domains v{'/'.join(map(str, versions))}. "
-        f"Seeds: {seeds}; n = seeds finished. mIoU on the held-out toy test split. Gap closed = "
+        f"Seeds: {seeds}; n = seeds finished. mIoU on the "
+        + ("held-out toy test split" if split == "test" else f"toy {split} split (not the held-out test split)")
+        + ". Gap closed = "
         "(row - source-only) / (oracle - source-only), with the source-only and oracle rows of the same network "
         "and label space (DeepLabV2-R18 for advent_maxsquare; DeepLabV3+-R18 for mada and d2ada; the MADAN and "
         "SS-ADA rows use their own). Wall time: steps of that pipeline actually run for it (steps shared with an earlier "
@@ -1190,6 +1285,14 @@ def main(argv=None):
     ap.add_argument("--extra", action="store_true", help="also run the extra rows (precision parity, ablations, two loss-weighted-0 controls: "
                     "marked extra in PIPELINES), which the default table leaves out to keep a seed under 40 "
                     "minutes on 2 cores; --only runs a named extra row without it")
+    ap.add_argument("--budget-scale", type=float, default=1.0, help="run every training step of SCALED (the "
+                    "advent_maxsquare adaptation scripts, mada/train_stage1.py, d2ada/train_ada.py per round) K times "
+                    "its toy preset's length (--iters, --eval-every, --save-every; the poly schedule stretched over "
+                    "it); changed rows are named '<row> [xK]' and write their own _xK folders beside the shared "
+                    "unscaled steps (issue 28, benchmark/budget_curves.py)")
+    ap.add_argument("--eval-split", default="test", choices=("test", "val"), help="the split every row's last "
+                    "step evaluates (default test, the published table's; val for the budget curves, which must not "
+                    "look at the test split: rows are named '<row> [val]' and cannot be published)")
     ap.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines when the "
                     "output is not a terminal (on a terminal the progress lines are redrawn every second)")
     ap.add_argument("--list", action="store_true", help="print the chosen rows (with --methods/--only), their steps, "
@@ -1197,6 +1300,11 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results in OUT into "
                     "OUT/results.* (benchmark/results.* with --publish); writes nothing if nothing has finished")
     args = ap.parse_args(argv)
+    if args.budget_scale <= 0:
+        ap.error("--budget-scale must be positive")
+    if args.publish and args.eval_split != "test":
+        ap.error("--publish writes the held-out test table: a --eval-split val run is never published")
+    variant = budget_variant(PIPELINES, args.budget_scale, args.eval_split)
     if args.only:
         unknown = set(args.only) - {p["name"] for p in PIPELINES}
         if unknown:
@@ -1208,16 +1316,14 @@ def main(argv=None):
                      f"{sorted({p['method'] for p in PIPELINES})}")
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
-    chosen = [p for p in PIPELINES if (args.only is None or p["name"] in args.only)
+    chosen = [q for p, q in zip(PIPELINES, variant) if (args.only is None or p["name"] in args.only)
               and (args.methods is None or p["method"] in args.methods)
               and (args.extra or args.only is not None or not p.get("extra"))]
-    global STEP_ENV, STEP_WORKERS
-    STEP_WORKERS = None if args.workers < 0 else args.workers
-    STEP_ENV = {**os.environ, "SEGDA_TOY_VERSION": str(args.toy_version)}  # every step reads this version
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        STEP_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    configure(args.toy_version, args.jobs, args.workers)
     out = (ROOT / args.out).resolve()
     published = PUBLISHED if args.toy_version == 3 else PUBLISHED.with_name("results_v2")
+    if args.budget_scale != 1:  # a longer preset's table is published beside the default one, never into it
+        published = published.with_name(f"{published.name}_{scale_tag(args.budget_scale)}")
     dest = published if args.publish else out / "results"
     times = recorded_times(out, args.toy_version)
     if args.list:
@@ -1230,28 +1336,48 @@ def main(argv=None):
         print(f"{len(chosen)} of {len(PIPELINES)} rows")
         return 0
     if args.report:
-        return 0 if report(out, args.seeds or seeds_on_disk(out), dest, args.toy_version) else 1
+        return 0 if report(out, args.seeds or seeds_on_disk(out), dest, args.toy_version, variant,
+                           args.eval_split) else 1
     seeds = args.seeds or [0]
-    global MACHINE
+    code = execute(chosen, seeds, out, args.jobs, dest, times, args.progress_every)
+    if code is not None:
+        return code
+    report(out, seeds_on_disk(out), dest, args.toy_version, variant, args.eval_split)
+    return 0 if STATE["ok"] else 1
+
+
+STATE = {"ok": True}
+
+
+def configure(toy_version=3, jobs=2, workers=0):
+    """The steps' environment: SEGDA_TOY_VERSION, OMP_NUM_THREADS = cores // jobs (unless set), --workers."""
+    global STEP_ENV, STEP_WORKERS, MACHINE
+    STEP_WORKERS = None if workers < 0 else workers
+    STEP_ENV = {**os.environ, "SEGDA_TOY_VERSION": str(toy_version)}  # every step reads this version
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        STEP_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     MACHINE = machine()
-    waiting, n_steps = print_plan(chosen, seeds, out, args.jobs, dest, times)
-    progress = Progress(n_steps, {n: t for n, (t, _) in times.items()}, args.jobs, interval=args.progress_every)
+
+
+def execute(chosen, seeds, out, jobs, dest, times, progress_every=30.0, again="python benchmark/run.py --report"):
+    """Print the plan and run it (configure() first). Returns None when it ran to the end (STATE['ok'] says whether
+    every pipeline-seed finished), or the exit code of an interruption (130 / 143)."""
+    waiting, n_steps = print_plan(chosen, seeds, out, jobs, dest, times)
+    progress = Progress(n_steps, {n: t for n, (t, _) in times.items()}, jobs, interval=progress_every)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C (the steps run in their own process groups)
         signal.signal(sig, _on_sigterm)
     t_all = time.time()
     try:
-        ok = run_parallel(chosen, seeds, out, args.jobs, progress)
+        STATE["ok"] = run_parallel(chosen, seeds, out, jobs, progress)
     except Interrupted as e:
-        code = 128 + int(e.args[0])
         progress.message(f"[bench] interrupted after {human(time.time() - t_all)}: {progress.finished} step(s) "
                          f"finished and kept in {rel(out)}; the interrupted step(s) left their partial run folders "
                          f"and logs there. Continue with the same command (finished steps are skipped, an interrupted "
-                         f"training step resumes from its checkpoint); "
-                         f"`python benchmark/run.py --report` makes the table of what has finished.")
-        return code
+                         f"training step resumes from its checkpoint); `{again}` makes the table of what has "
+                         f"finished.")
+        return 128 + int(e.args[0])
     print(f"[bench] ran {len(chosen)} row(s) x {len(seeds)} seed(s) in {human(time.time() - t_all)}", flush=True)
-    report(out, seeds_on_disk(out), dest, args.toy_version)
-    return 0 if ok else 1
+    return None
 
 
 if __name__ == "__main__":

@@ -293,3 +293,69 @@ def test_every_step_that_loads_images_takes_the_workers_flag(capsys):
     assert bench.with_workers("{py} mada/test.py --out x", 0).endswith("--out x --workers 0")
     assert bench.with_workers("{py} mada/select_active.py --out x", 0) == "{py} mada/select_active.py --out x"
     assert bench.with_workers("{py} mada/test.py --workers 3", 0) == "{py} mada/test.py --workers 3"
+
+
+# ---- issue 28: budget curves (--budget-scale, --eval-split val) ------------------------------------------------
+def test_budget_variant_scales_the_training_steps_renames_their_folders_and_pairs_controls():
+    k = 4
+    by_name = {p["name"]: p for p in bench.budget_variant(bench.PIPELINES, k, "val")}
+    ada = by_name["AdaptSegNet (output-space adversarial) [x4, val]"]
+    train, test = ada["steps"]
+    toy = bench.toy_preset("advent_maxsquare/train_adaptseg.py")
+    assert f"--iters {k * toy['iters']}" in train[0] and f"--eval-every {k * toy['eval_every']}" in train[0]
+    assert "--out {base}/adaptseg_x4" in train[0] and train[1] == "{base}/adaptseg_x4/final.json"
+    assert "{base}/source/model.pth" in train[0]  # the unscaled source model is shared by every K
+    assert "--checkpoint {base}/adaptseg_x4/model.pth --split val" in test[0]
+    assert ada["control"] == "Source only, continued (control) [x4, val]"
+    # a step reading a scaled folder writes a renamed folder too (stage 2 of the 4x stage-1 model), unscaled itself
+    st2 = by_name["MADA stage 2 (5% images) [x4, val]"]["steps"]
+    assert all("{base}/mada/stage1_mada/" not in c for c, _ in st2)
+    assert "--out {base}/mada/stage2_mada_x4" in st2[2][0] and "--iters" not in st2[2][0]
+    # D2ADA: K x the per-round iterations; its per-round evaluation rows read the scaled run; selection stats too
+    d2 = by_name["D2ADA (5 rounds, 5% target pixels) [x4, val]"]
+    assert f"--iters {k * bench.toy_preset('d2ada/train_ada.py')['iters']}" in d2["steps"][0][0]
+    assert d2["selection"] == ("d2ada", "{base}/d2ada_ada_x4")
+    assert "{base}/d2ada_ada_x4/checkpoint02.pth" in by_name["D2ADA after round 2 (2% target pixels) [x4, val]"]["steps"][0][0]
+    # rows with no scaled step keep their steps (and only gain the split tag); K=1 on test changes nothing
+    assert by_name["Source only [val]"]["steps"][0] == bench.PIPELINES[0]["steps"][0]
+    assert bench.budget_variant(bench.PIPELINES, 1, "test") == bench.PIPELINES
+    # the masked-anchor ablation's folders are not touched by the renaming of stage1_mada
+    masked = by_name["MADA stage 2, absent classes masked (ablation) [x4, val]"]["steps"]
+    assert any("{base}/mada/stage1_mada_mask_x4/model.pth" in c for c, _ in masked)
+
+
+def test_rows_that_only_read_a_shared_model_run_side_by_side():
+    rows = {p["name"]: p for p in bench.PIPELINES}
+    src, ada, ent = (rows[n] for n in ("Source only", "AdaptSegNet (output-space adversarial)", "ADVENT MinEnt"))
+    assert bench.depends(ada, src) and bench.depends(ent, src)  # both read {base}/source, which "Source only" writes
+    assert not bench.depends(ent, ada)  # neither writes what the other touches
+    v4 = {p["name"]: p for p in bench.budget_variant(bench.PIPELINES, 4, "val")}
+    assert not bench.depends(v4["ADVENT MinEnt [x4, val]"], ent)  # scales of one row are independent
+
+
+def test_budget_curves_pair_rows_with_their_control_and_apply_the_rule(tmp_path, monkeypatch):
+    """The curve of a row is its val mIoU minus its control's at the same seed and K; the rule (mean difference >
+    twice the control's seed std) is applied per point. Results are written by fake finished runs."""
+    sys.path.insert(0, str(ROOT))
+    import budget_curves as bc
+    chosen = bc.grid_rows(["d2ada"], {})
+    vals = {("D2ADA (5 rounds, 5% target pixels)", 1): [20.0, 21.0, 22.0],
+            ("D2ADA baseline: random regions (5%)", 1): [20.0, 20.5, 21.0],
+            ("D2ADA (5 rounds, 5% target pixels)", 4): [25.0, 26.0, 27.0],
+            ("D2ADA baseline: random regions (5%)", 4): [21.0, 21.5, 22.0]}
+    for p in chosen:
+        for seed in (0, 1, 2):
+            fmt = bench.fmt_of(p, seed, tmp_path)
+            res = Path(p["result"].format(**fmt))
+            res.parent.mkdir(parents=True, exist_ok=True)
+            v = vals.get((p["base_name"], p["scale"]), 10.0)
+            res.write_text(json.dumps({"mIoU": v[seed] if isinstance(v, list) else v, "last": {}}))
+            (fmt["run"] / "bench.json").write_text(json.dumps({"seconds": 60.0, "peak_mib": 1.0, "toy_version": 3,
+                                                                "machine": "test"}))
+            (fmt["run"] / "diagnostics.json").write_text("{}")
+    recs = {r["scale"]: r for r in bc.curves(tmp_path, [0, 1, 2], chosen)}
+    assert recs[1]["minus_control"] == [0.0, 0.5, 1.0] and recs[1]["spread"] == 0.5 and not recs[1]["separates"]
+    assert recs[4]["mean"] == 4.5 and recs[4]["separates"]  # 4.5 > 2 x 0.5
+    assert recs[2]["minus_control"] == [0.0, 0.0, 0.0] and not recs[2]["separates"]  # a tie never separates
+    bc.plot(list(recs.values()), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
