@@ -13,6 +13,8 @@ The held-out toy test split (what the benchmark reports), or one round's model:
     python d2ada/test.py --checkpoint runs/d2ada/ada/checkpoint03.pth --split test
 Cityscapes val, flip TTA:
     python d2ada/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes --flip
+D2ADA's released models (checkpoint00.tar = warm-up, checkpoint0X.tar = round X; format auto-detected):
+    python d2ada/test.py --checkpoint checkpoint05.tar --target cityscapes --target-root /data/cityscapes
 torchrun (the evaluation is sharded and the confusion matrix all-reduced):
     torchrun --nproc_per_node=2 d2ada/test.py
 """
@@ -29,6 +31,7 @@ from common.evaluate import evaluate
 from common.metrics import format_table
 from d2ada.model import from_checkpoint
 from d2ada.regions import eval_set_at
+from d2ada.releases import FORMAT_HELP, FORMATS, load_segmenter
 
 PAPER_EVAL_SIZE = (1024, 2048)  # upstream val_transform (dataset.py:32-37): Cityscapes at full resolution
 
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/d2ada/ada/model.pth", help="model.pth of a run")
     p.add_argument("--ensemble", default=None, help="second checkpoint; logits averaged 0.5/0.5 (ADVENT)")
+    p.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --checkpoint and --ensemble: "
+                   + FORMAT_HELP)
     p.add_argument("--snapshots", default=None, help="folder of snapshot checkpoints: also report the best one")
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
@@ -61,11 +66,13 @@ def parse_args(argv=None):
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     amp = rt.amp_dtype(args.amp, device)
-    model, cfg = from_checkpoint(args.checkpoint)
+    model, cfg, fmt = load_segmenter(args.checkpoint, args.checkpoint_format)  # strict; D2ADA's releases too
+    if rank == 0:
+        print(f"[test] {args.checkpoint}: format {fmt}", flush=True)
     model = model.to(device, memory_format=rt.memory_format(amp))
     other = None
     if args.ensemble:
-        other, cfg2 = from_checkpoint(args.ensemble)
+        other, cfg2, _ = load_segmenter(args.ensemble, args.checkpoint_format)
         if (cfg2["num_classes"], cfg2["norm"]) != (cfg["num_classes"], cfg["norm"]):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
@@ -82,7 +89,8 @@ def main(args):
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
                    rank=rank, world_size=world, workers=args.workers, ensemble=other,
                    label_id_dir=args.save_label_ids)
-    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
+    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "checkpoint_format": fmt,
+              "target": tgt, "split": split,
               "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
     # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label

@@ -25,6 +25,10 @@ GTA5 -> Cityscapes (superpixels for both datasets first), 5 rounds of 1%:
         --target-root /data/cityscapes --init-from runs/d2ada/warmup/model.pth
 Continue an interrupted run from its last finished round (and its own datalist):
     python d2ada/train_ada.py --resume
+Continue D2ADA's released round X (its checkpoint0X.tar and the regions it had selected, datalist_0X.pkl;
+region ids of D2ADA's superpixel maps: `python d2ada/datalist.py import-superpixels` first): trains round X+1
+    python d2ada/train_ada.py --source gta5 --source-root /data/GTA5 --target cityscapes \
+        --target-root /data/cityscapes --init-from checkpoint02.tar --datalist datalist_02.pkl
 Several processes (training is data-parallel; extraction and selection run on rank 0):
     torchrun --nproc_per_node=2 d2ada/train_ada.py
 """
@@ -48,7 +52,8 @@ from common.metrics import format_table
 from common.transforms import ColorJitter, Compose, RandomHFlip, Resize
 from d2ada import regions as R, selection as S
 from d2ada.regions import eval_set_at
-from d2ada.model import from_checkpoint
+from d2ada.releases import FORMAT_HELP, FORMATS, datalist_round, labeled_from_any_datalist, load_segmenter, \
+    read_datalist
 from d2ada.warmup import set_bn_eval
 
 # Defaults. PAPER: the official utils/common.py (5 rounds of 29 images' worth of pixels, 120k fine-tuning
@@ -67,8 +72,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(p)
     g = p.add_argument_group("method (D2ADA active rounds)")
-    g.add_argument("--init-from", default=None, help="warm-up model (d2ada/warmup.py's model.pth); it fixes "
-                   "the network, so --model/--backbone/--init are not used here")
+    g.add_argument("--init-from", default=None, help="warm-up model (d2ada/warmup.py's model.pth, or D2ADA's "
+                   "checkpoint0X.tar); it fixes the network, so --model/--backbone/--init are not used here")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
+    g.add_argument("--datalist", default=None, help="the labelled set to continue from: D2ADA's datalist_0X.pkl "
+                   "(or its image-mode .json) or ours (datalist_XX.json); with --init-from the model of that round "
+                   "(checkpoint0X): training starts at round X+1")
+    g.add_argument("--start-round", type=int, default=None, help="first round to train with --datalist (default: "
+                   "the datalist's round + 1, from its 'round' entry or its name datalist_XX; upstream "
+                   "--init_iteration)")
     g.add_argument("--rounds", type=int, default=5, help="active rounds after the warm-up round 0")
     g.add_argument("--active-selection-size", type=float, default=None, help="budget per round in image-"
                    "equivalents of pixels (default: 1%% of the target train images: 29 for Cityscapes)")
@@ -99,6 +111,7 @@ def parse_args(argv=None):
 
 
 def main(args):
+    dlist = read_datalist(args.datalist) if args.datalist else None  # checked before the run folder is touched
     rank, world, device = rt.setup_distributed(args.device)
     rt.seed_everything(args.seed + rank)
     amp = rt.amp_dtype(args.amp, device)
@@ -107,7 +120,8 @@ def main(args):
     rt.print_config(args, rank)
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = from_checkpoint(args.init_from)
+    model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; D2ADA's releases too
+    log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt})
     if mcfg["num_classes"] != args.num_classes:
         raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, --num-classes is {args.num_classes}")
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
@@ -132,9 +146,20 @@ def main(args):
     log.log({"event": "setup", "target_images": len(target), "target_regions": int(sum(len(p) for p in inventory)),
              "budget_images_per_round": size, "source_images_for_density": n_src})
 
+    labeled, start = {}, 0
+    if dlist is not None:  # continue from a labelled set (D2ADA's released datalist_0X, or ours)
+        labeled, summary = labeled_from_any_datalist(dlist, names, src_names, inventory, args.datalist)
+        found = datalist_round(args.datalist, dlist)
+        start = args.start_round if args.start_round is not None else -1 if found is None else found + 1
+        if start < 1 or start > args.rounds:
+            raise rt.InputError(f"--datalist {args.datalist}: cannot tell which round it ends (no 'round' entry, "
+                                f"name not datalist_XX), or round {start} is past --rounds {args.rounds}: give "
+                                f"--start-round")
+        log.log({"event": "datalist", "datalist": str(args.datalist), "start_round": start, **summary})
+
     # -- method: the active rounds --
-    labeled, history, res = {}, [], None
-    for rnd in range(0, args.rounds + 1):
+    history, res = [], None
+    for rnd in range(start, args.rounds + 1):
         ck_path, dl_path = out / f"checkpoint{rnd:02d}.pth", out / f"datalist_{rnd:02d}.json"
         lab_str = {names[i]: sorted(r) for i, r in sorted(labeled.items()) if r}
         if args.resume and ck_path.exists():  # round finished earlier: its model, and below its datalist

@@ -89,16 +89,18 @@ def anchor_distances(vec, present, anchors, absent="zero"):
 
 def min_distances(vectors, counts, anchors, min_pixels=10, absent="zero", chunk=256):
     """min_k d(V_n, A_k) and argmin for every row of a (possibly memory-mapped) [N, C, D] array,
-    read chunk by chunk (the whole array is never loaded). Returns (dist (N,) float64, idx (N,))."""
-    a = torch.from_numpy(np.ascontiguousarray(anchors, dtype=np.float32))
+    read chunk by chunk (the whole array is never loaded). Returns (dist (N,) float64, idx (N,)).
+    In float64, as upstream's numpy (the vector is a float64 np.zeros([19, 256]) filled from fp32 features,
+    MADA select_active_samples.py:88-92), so that near-equal scores rank as upstream's do."""
+    a = torch.from_numpy(np.ascontiguousarray(anchors, dtype=np.float64))
     n = len(vectors)
     dist, idx = np.empty(n, np.float64), np.empty(n, np.int64)
     for s in range(0, n, chunk):
-        v = torch.from_numpy(np.array(vectors[s:s + chunk], dtype=np.float32))
+        v = torch.from_numpy(np.array(vectors[s:s + chunk], dtype=np.float64))
         p = torch.from_numpy(np.asarray(counts[s:s + chunk]) >= min_pixels)
         d = anchor_distances(v, p, a, absent)
         m = d.min(1)
-        dist[s:s + chunk], idx[s:s + chunk] = m.values.double().numpy(), m.indices.numpy()
+        dist[s:s + chunk], idx[s:s + chunk] = m.values.numpy(), m.indices.numpy()
     return dist, idx
 
 
@@ -244,15 +246,40 @@ def load_features(folder):
     return vec, counts, meta
 
 
-def load_anchors(path):
-    """(anchors (K, C, D) float32, present (K, C) bool) from cluster_anchors.py's anchors.npz."""
+def load_anchors(path, num_classes=None, dim=256):
+    """(anchors (K, C, D) float32, present (K, C) bool) from cluster_anchors.py's anchors.npz, or from an
+    official anchors file (any other file: official_anchors)."""
     path = Path(path)
     if path.is_dir():
         path = path / "anchors.npz"
     if not path.is_file():
         raise FileNotFoundError(f"anchors file not found: {path} (run mada/cluster_anchors.py first)")
+    if path.suffix != ".npz":
+        return official_anchors(path, num_classes, dim)
     with np.load(path, allow_pickle=False) as z:
         return z["anchors"].astype(np.float32), z["present"].astype(bool)
+
+
+def official_anchors(path, num_classes=None, dim=256):
+    """The anchors MADA / MADAv2 released (anchors/cluster_centroids_*.pkl), read through common.safe_pickle (no
+    code in the file is run): torch.save of faiss's centroids, MADA a flat array of K*19*256 values (torch legacy
+    format, utils/clustering.py:186 vector_float_to_array), MADAv2 a (K, 19*256) array (faiss.Kmeans.centroids).
+    Upstream reads both as `.reshape(ncentroids, 19, 256)` (MADA select_active_samples.py:68, MADAv2
+    step1_select_active_samples.py:48): row-major, anchor k, class c, feature d = our (K, C, D) layout exactly.
+    Every row counts as present (upstream keeps zero rows). C defaults to upstream's 19."""
+    from common import safe_pickle
+    c = num_classes or 19
+    got = safe_pickle.load_file(path, "MADA/MADAv2 anchors (a numpy array of K x C x 256 values)")
+    arr = safe_pickle.to_numpy(got)
+    if arr is None:
+        size = f" of {len(got)} items (an anchors/cluster_index_* file?)" if hasattr(got, "__len__") else ""
+        raise ValueError(f"{path} holds a {type(got).__name__}{size}, not anchors (expected an array of K x {c} x "
+                         f"{dim} values, e.g. anchors/cluster_centroids_*.pkl)")
+    if arr.size == 0 or arr.size % (c * dim):
+        raise ValueError(f"{path} holds an array of shape {arr.shape} ({arr.size} values), not a multiple of "
+                         f"{c} classes x {dim} features: anchors of another label space or feature size?")
+    anchors = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1, c, dim)
+    return anchors, np.ones(anchors.shape[:2], bool)
 
 
 def atomic_save_npz(path, **arrays):
@@ -262,8 +289,39 @@ def atomic_save_npz(path, **arrays):
     os.replace(tmp, path)
 
 
+# Upstream's selection lists (MADA select_active_samples.py:105-118, MADAv2 step1_select_active_samples.py:71-83):
+# selection_list/stage1_cac_list_0.05.txt holds one image per line as CITY/NAME_leftImg8bit.png (relative to
+# leftImg8bit/train; MADAv2 writes the same lines from data/target_names.txt), in ascending index order;
+# stage1_cac_index_0.05.txt the indices into the sorted training images. MADAv2 adds "_dual_dis_far".
+OFFICIAL_LIST_SUFFIX = {"mada": "", "madav2": "_dual_dis_far", "random": "_random"}
+
+
+def official_name(name):
+    """Our image name (relative to the dataset root) as upstream's list writes it: the part after
+    leftImg8bit/SPLIT/ (CITY/NAME_leftImg8bit.png); a name of another layout is kept."""
+    parts = Path(name).parts
+    if "leftImg8bit" in parts[:-2]:
+        return "/".join(parts[parts.index("leftImg8bit") + 2:])
+    return Path(name).as_posix()
+
+
+def write_official_selection(folder, names, indices, criterion, budget):
+    """selection_list/stage1_cac_list_BUDGET[SUFFIX].txt and stage1_cac_index_... in upstream's format (atomic).
+    Returns the two paths."""
+    folder = Path(folder) / "selection_list"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{budget:.2f}{OFFICIAL_LIST_SUFFIX[criterion]}"
+    lst, idx = folder / f"stage1_cac_list_{tag}.txt", folder / f"stage1_cac_index_{tag}.txt"
+    for path, lines in ((lst, [official_name(n) for n in names]), (idx, [str(int(i)) for i in indices])):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, path)
+    return lst, idx
+
+
 def read_selection(path):
-    """The selected image names (relative to the target root) from selected.json or selected.txt."""
+    """The selected image names from selected.json or selected.txt (names relative to the target root), or from
+    upstream's selection_list/stage1_cac_list_*.txt (CITY/NAME lines; subset_by_names resolves both)."""
     path = Path(path)
     if path.is_dir():
         path = path / "selected.json"
@@ -293,8 +351,11 @@ class IndexedSubset(torch.utils.data.Dataset):
 
 
 def subset_by_names(dataset, names, what="selection"):
-    """IndexedSubset of the dataset items whose names are `names` (error naming the missing ones)."""
+    """IndexedSubset of the dataset items whose names are `names`: ours (relative to the dataset root) or
+    upstream's list lines (CITY/NAME, relative to leftImg8bit/train); error naming the missing ones."""
     index = {dataset.name(i): i for i in range(len(dataset))}
+    for n, i in list(index.items()):
+        index.setdefault(official_name(n), i)
     missing = [n for n in names if n not in index]
     if missing:
         raise ValueError(f"{what}: {len(missing)} names are not images of {dataset.root} "

@@ -9,7 +9,9 @@ the budget's farthest images:
     d(V, A) = mean of (V - A)^2 over all C x 256 entries, absent rows zero (--absent zero, upstream, default)
               or over the rows of V's present classes only (--absent mask, an ablation)
 
-Writes OUT/selected.txt (image names relative to the target root, as upstream's list), OUT/selected.json
+Writes OUT/selected.txt (image names relative to the target root), OUT/selection_list/ (upstream's own files:
+stage1_cac_list_0.05.txt, CITY/NAME lines as MADA's, and stage1_cac_index_0.05.txt; MADAv2's name ends in
+_dual_dis_far, as its step1_select_active_samples.py writes it), OUT/selected.json
 (names, indices, scores, settings), OUT/scores.npy (every image's score) and OUT/contact_sheet.png (the
 selected images beside the pseudo-labels of the model that made the features), OUT/selection.png (the
 selected images above a random draw of the same size, with their class content) and
@@ -22,6 +24,10 @@ MADAv2 (needs target anchors of the warm-up model):
     python mada/select_active.py --criterion madav2 --out runs/mada/select_madav2
 Random baseline at the same budget:
     python mada/select_active.py --criterion random --out runs/mada/select_random
+The anchors the official repositories ship (read through common.safe_pickle; no code in them is run):
+    python mada/select_active.py --source-anchors MADA/anchors/cluster_centroids_full_10.pkl
+    python mada/select_active.py --criterion madav2 --source-anchors MADAv2/anchors/cluster_centroids_sub_10.pkl \
+        --target-anchors MADAv2/anchors/cluster_centroids_sub_10_target_warmup.pkl
 Cityscapes (after save_features/cluster_anchors on GTA5 and Cityscapes): the same flags; the dataset is
 read from the features' meta.json.
 """
@@ -52,9 +58,12 @@ def parse_args(argv=None):
                    help="mada: nearest source anchor; madav2: + nearest target anchor; random: baseline")
     p.add_argument("--features", default="runs/mada/features/target_warmup",
                    help="target objective vectors (save_features.py --domain target)")
-    p.add_argument("--source-anchors", default="runs/mada/anchors/source_warmup", help="anchors.npz or its folder")
+    p.add_argument("--source-anchors", default="runs/mada/anchors/source_warmup", help="anchors.npz or its folder, "
+                   "or an official anchors file (MADA anchors/cluster_centroids_full_10.pkl, MADAv2 "
+                   "anchors/cluster_centroids_sub_10.pkl)")
     p.add_argument("--target-anchors", default="runs/mada/anchors/target_warmup",
-                   help="target (warm-up) anchors, for --criterion madav2")
+                   help="target (warm-up) anchors, for --criterion madav2: ours, or MADAv2's "
+                   "anchors/cluster_centroids_sub_10_target_warmup.pkl")
     p.add_argument("--budget", type=float, default=0.05, help="fraction of the target training images")
     p.add_argument("--rounding", default=None, choices=["floor", "round"],
                    help="budget count: floor (MADA's int()) or round (MADAv2); default by criterion")
@@ -115,8 +124,9 @@ def main(args):
     if meta["domain"] != "target":
         raise SystemExit(f"{args.features} holds {meta['domain']} vectors: selection scores target images "
                          f"(save_features.py --domain target)")
-    src = core.load_anchors(args.source_anchors)[0] if args.criterion != "random" else None
-    tgt = core.load_anchors(args.target_anchors)[0] if args.criterion == "madav2" else None
+    c, dim = vec.shape[1:]
+    src = core.load_anchors(args.source_anchors, c, dim)[0] if args.criterion != "random" else None
+    tgt = core.load_anchors(args.target_anchors, c, dim)[0] if args.criterion == "madav2" else None
     for a in (src, tgt):
         if a is not None and a.shape[1:] != vec.shape[1:]:
             raise SystemExit(f"anchors {a.shape} do not match the vectors {vec.shape} of {args.features}")
@@ -144,6 +154,7 @@ def main(args):
            "scores": [float(scores[i]) for i in chosen]}
     rt.atomic_write_text(out / "selected.txt", "\n".join(names) + "\n")
     rt.save_json(out / "selected.json", sel)
+    official = core.write_official_selection(out, names, chosen, args.criterion, args.budget)  # upstream's format
     if args.sheet > 0:
         contact_sheet(names, meta, out / "contact_sheet.png", rt.setup_distributed(args.device)[2], args.sheet)
         selection_pictures(args, meta, chosen, scores, out)
@@ -151,7 +162,7 @@ def main(args):
              "score_of_last_selected": float(scores[chosen].min()), "median_score": float(np.median(scores))}
     rt.save_json(out / "final.json", final)
     log.log({"event": "done", **final})
-    print(f"[done] {k}/{n} target images selected ({args.criterion}) -> {out / 'selected.txt'}")
+    print(f"[done] {k}/{n} target images selected ({args.criterion}) -> {out / 'selected.txt'}, {official[0]}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def parse_args(argv=None):
                    "before the augmentation (upstream img_rows x img_cols of the active set)")
     g.add_argument("--init-from", default="runs/mada/warmup/model.pth", help="warm-up model.pth (warmup.py)")
     g.add_argument("--selection", default="runs/mada/select_mada",
-                   help="selected.json / selected.txt (or its folder) of select_active.py")
+                   help="selected.json / selected.txt (or its folder) of select_active.py, or upstream's list "
+                   "(selection_list/stage1_cac_list_0.05.txt: CITY/NAME lines)")
     g.add_argument("--lambda-active", type=float, default=1.0, help="weight of the CE on the active images")
     g.add_argument("--head-lr-mult", type=float, default=None, help="lr multiplier of ASPP/decoder/classifier "
                    "(MADA trains every parameter at one lr: 1; MADAv2 10)")

@@ -52,9 +52,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (MADA stage 2)")
     g.add_argument("--init-from", default="runs/mada/stage1/model.pth", help="stage-1 model.pth")
     g.add_argument("--anchors", default="runs/mada/anchors/target_stage1",
-                   help="target anchors of the stage-1 model (cluster_anchors.py)")
+                   help="target anchors of the stage-1 model (cluster_anchors.py), or "
+                   "MADA's anchors/cluster_centroids_full_target_10.pkl")
     g.add_argument("--selection", default="runs/mada/select_mada",
-                   help="selected.json / selected.txt (or its folder) of select_active.py")
+                   help="selected.json / selected.txt (or its folder) of select_active.py, or upstream's list "
+                   "(selection_list/stage1_cac_list_0.05.txt: CITY/NAME lines)")
     g.add_argument("--lambda-active", type=float, default=1.0, help="weight of the CE on the active images")
     g.add_argument("--lambda-pseudo", type=float, default=1.0, help="weight of the target pseudo-label CE")
     g.add_argument("--lambda-anchor", type=float, default=0.7, help="weight of the soft anchor loss (0.7)")
@@ -111,7 +113,7 @@ def main(args):
     labeled = core.read_selection(args.selection)
     val = core.eval_set_at(tgt, tgt_root, mcfg["num_classes"], mcfg["norm"], args.eval_size)
 
-    anchors = torch.from_numpy(core.load_anchors(args.anchors)[0]).to(device)
+    anchors = torch.from_numpy(core.load_anchors(args.anchors, mcfg["num_classes"])[0]).to(device)
     if anchors.shape[1] != mcfg["num_classes"]:
         raise SystemExit(f"anchors {tuple(anchors.shape)} of {args.anchors} do not match {mcfg['num_classes']} classes")
 
@@ -206,7 +208,7 @@ def main(args):
         final = {"last": res, "best": best, "iters": args.stop_iter, "labeled_images": len(labeled),
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
         core.atomic_save_npz(out / "anchors_final.npz", anchors=anchors.cpu().numpy(),
-                             present=core.load_anchors(args.anchors)[1])
+                             present=core.load_anchors(args.anchors, mcfg["num_classes"])[1])
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

@@ -59,9 +59,11 @@ def parse_args(argv=None):
     g.add_argument("--init-from", default="runs/mada/stage1/model.pth", help="stage-1 model.pth (teacher and "
                    "student initialisation)")
     g.add_argument("--anchors", default="runs/mada/anchors/target_stage1",
-                   help="target anchors of the stage-1 model (cluster_anchors.py)")
+                   help="target anchors of the stage-1 model (cluster_anchors.py), or "
+                   "MADAv2's anchors/cluster_centroids_sub_10_target_stage1.pkl")
     g.add_argument("--selection", default="runs/mada/select_mada",
-                   help="selected.json / selected.txt (or its folder) of select_active.py")
+                   help="selected.json / selected.txt (or its folder) of select_active.py, or upstream's list "
+                   "(selection_list/stage1_cac_list_0.05.txt: CITY/NAME lines)")
     g.add_argument("--ohem-thresh", type=float, default=0.7, help="OHEM probability threshold (labelled CE)")
     g.add_argument("--ohem-min-kept", type=int, default=None, help="OHEM: at least this many pixels per batch")
     g.add_argument("--lambda-cons", type=float, default=1.0, help="weight of the two consistency terms")
@@ -130,7 +132,7 @@ def main(args):
                                    core.UPSTREAM_HW.get(DOMAINS[tgt][0]))
     labeled = core.read_selection(args.selection)
     val = core.eval_set_at(tgt, tgt_root, nc, mcfg["norm"], args.eval_size)
-    anchors = torch.from_numpy(core.load_anchors(args.anchors)[0]).to(device)
+    anchors = torch.from_numpy(core.load_anchors(args.anchors, nc)[0]).to(device)
     if anchors.shape[1] != nc:
         raise SystemExit(f"anchors {tuple(anchors.shape)} of {args.anchors} do not match {nc} classes")
 
@@ -260,7 +262,7 @@ def main(args):
         final = {"last": res, "best": best, "iters": args.stop_iter, "labeled_images": len(labeled),
                  "wall_s": round(time.time() - t0, 1), "eval_split": "val", "target": tgt}
         core.atomic_save_npz(out / "anchors_final.npz", anchors=anchors.cpu().numpy(),
-                             present=core.load_anchors(args.anchors)[1])
+                             present=core.load_anchors(args.anchors, nc)[1])
         rt.save_json(out / "final.json", final)
         (out / "iou_table.md").write_text(format_table(res) + "\n")
         print(format_table(res))

@@ -18,6 +18,12 @@ Cityscapes val as SS-ADA validates (full resolution, 640x640 windows, stride 2/3
 CrossCity test as TUFL evaluates (utils/evaluate.py: full resolution, 647x647 windows, stride 5/6):
     python ssada/test.py --checkpoint model.pth --target crosscity --target-root /data/NTHU_Datasets \
         --city Rome --mode sliding --crop-size 647,647 --eval-size full --stride-rate 0.8333333
+The released models (format auto-detected; ssada/releases.py): TUFL's Cityscapes -> Rio model, SS-ADA's
+GTA5 -> Cityscapes model with 25% of the target labels:
+    python ssada/test.py --checkpoint model_epoch_2000.pth --target crosscity --target-root /data/NTHU_Datasets \
+        --city Rio --mode sliding --crop-size 647,647 --eval-size full --stride-rate 0.8333333
+    python ssada/test.py --checkpoint best.pth --target cityscapes --target-root /data/cityscapes \
+        --mode sliding --crop-size 640,640 --eval-size full
 torchrun (the evaluation is sharded and the confusion matrix all-reduced):
     torchrun --nproc_per_node=2 ssada/test.py
 """
@@ -38,11 +44,13 @@ from common.datasets import CITY_GROUPS, DOMAINS, build_dataset, eval_loader, re
 from common.evaluate import PredictionOutputs, evaluate
 from common.metrics import ConfusionMatrix, format_table
 from common.transforms import Compose, Resize
+from ssada.releases import FORMAT_HELP, FORMATS, load_segmenter
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/ssada/ssada/model.pth", help="model.pth of a run")
+    p.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --checkpoint: " + FORMAT_HELP)
     p.add_argument("--target", default="toy", help="target domain (toy | toy_crosscity | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
     p.add_argument("--split", default=None, help="evaluation split (default: the domain's val split; toy: val)")
@@ -122,7 +130,9 @@ def evaluate_sliding(model, dataset, num_classes, crop_hw, device, amp=None, sav
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     amp = rt.amp_dtype(args.amp, device)
-    model, cfg = any_segmenter_from_checkpoint(args.checkpoint)
+    model, cfg, fmt = load_segmenter(args.checkpoint, args.checkpoint_format, any_segmenter_from_checkpoint)
+    if rank == 0:
+        print(f"[test] {args.checkpoint}: format {fmt}", flush=True)
     model = model.to(device, memory_format=rt.memory_format(amp)).eval()
     tgt, kind, root = resolve_domain(args.target, args.target_root, "target")
     split = args.split or DOMAINS[tgt][2]

@@ -16,9 +16,10 @@ Toy domains (no arguments: toy Cityscapes-style source -> toy CrossCity-style ta
     python ssada/train_tufl.py
 Adaptive thresholds:
     python ssada/train_tufl.py --thresholds adaptive --out runs/ssada/tufl_adaptive
-Cityscapes -> Rio, from a Cityscapes BiSeNet (the README's command: 2k iters, lr 0.5e-5, frozen BN):
+Cityscapes -> Rio, from a Cityscapes BiSeNet (the README's command: 2k iters, lr 0.5e-5, frozen BN); TUFL's
+released pretrained/cityscapes.pth is read directly (format auto-detected, ssada/releases.py):
     python ssada/train_tufl.py --source cityscapes --source-root /data/cityscapes --target crosscity \
-        --target-root /data/NTHU_Datasets --city Rio --init-from cityscapes_bisenet13.pth
+        --target-root /data/NTHU_Datasets --city Rio --init-from cityscapes.pth
 Several processes:
     torchrun --nproc_per_node=2 ssada/train_tufl.py
 """
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, runtime as rt
-from common.bisenet import bisenet_from_checkpoint, make_bisenet
+from common.bisenet import make_bisenet
 from common.datasets import DOMAINS, build_dataset, infinite_loader, resolve_domain, train_set
 from common.evaluate import evaluate
 from common.losses import ohem_cross_entropy
@@ -41,6 +42,7 @@ from common.metrics import format_table
 from common.transforms import ColorJitter, Compose, RandomCrop, RandomHFlip, Resize
 from ssada.data import ScaleChoice, UnlabeledViews
 from ssada.losses import TUFL_CLASS_WEIGHTS, AdaptiveThresholds, regular_ce, unsup_focal_loss
+from ssada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from ssada.test import evaluate_sliding
 
 # Defaults. PAPER: TUFL README command (2000 iterations, 1 + 1 images per GPU, lr 0.5e-5 without warm-up,
@@ -63,7 +65,9 @@ def parse_args(argv=None):
     cli.add_common_args(p, source="toy_cityscapes", target="toy_crosscity")
     g = p.add_argument_group("method (TUFL)")
     g.add_argument("--city", default="Rome", help="CrossCity city (Rome | Rio | Taipei | Tokyo)")
-    g.add_argument("--init-from", default=None, help="source model checkpoint (skips phase 1)")
+    g.add_argument("--init-from", default=None, help="source model checkpoint (skips phase 1): ours, or TUFL's "
+                   "pretrained/cityscapes.pth, or an SS-ADA / TUFL release (--checkpoint-format)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--source-iters", type=int, default=None, help="phase 1: supervised source iterations")
     g.add_argument("--source-batch-size", type=int, default=None)
     g.add_argument("--source-lr", type=float, default=None)
@@ -138,7 +142,8 @@ def main(args):
 
     # ---- model -----------------------------------------------------------------------------------
     if args.init_from:
-        model, mcfg = bisenet_from_checkpoint(args.init_from)
+        model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; the releases too
+        log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "variant": mcfg["variant"]})
         if mcfg["num_classes"] != args.num_classes:
             raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, not {args.num_classes}")
         args.source_iters = 0

@@ -324,6 +324,11 @@ def test_chain_outputs(chain):
     assert (o / "sel/contact_sheet.png").exists()
     ck = torch.load(o / "st1/model.pth", weights_only=True)
     assert ck["labeled"] == sel["names"]
+    # upstream's own list and index files beside ours (MADAv2's name for the dual-distance selection)
+    lst = (o / "sel/selection_list/stage1_cac_list_0.20_dual_dis_far.txt").read_text().splitlines()
+    assert lst == [core.official_name(n) for n in sel["names"]] and all(n.count("/") == 1 for n in lst)
+    assert (o / "sel/selection_list/stage1_cac_index_0.20_dual_dis_far.txt").read_text().split() == \
+        [str(i) for i in sel["indices"]]
 
 
 def test_selection_deterministic_and_never_overwritten(chain):
@@ -350,7 +355,9 @@ def test_selection_deterministic_and_never_overwritten(chain):
 def test_stage2_semi_test_and_resume(chain):
     o, _ = chain
     common = ["--init-from", o / "st1/model.pth", "--anchors", o / "a1", "--selection", o / "sel"]
-    run_script("mada/train_stage2.py", *common, "--out", o / "st2", *TINY)
+    official = o / "sel/selection_list/stage1_cac_list_0.20_dual_dis_far.txt"   # upstream's list format
+    run_script("mada/train_stage2.py", *common[:-1], official, "--out", o / "st2", *TINY)
+    assert torch.load(o / "st2/model.pth", weights_only=True)["labeled"] == official.read_text().split()
     run_script("mada/train_stage2_semi.py", *common, "--out", o / "semi", "--anchor-start", "1", *TINY)
     ck = torch.load(o / "semi/checkpoint.pth", weights_only=True)
     assert ck["iter"] == 2 and ck["bank"].shape[0] == 19 and "class_conf" in ck
