@@ -35,12 +35,15 @@ from common.evaluate import adabn_on_domain, evaluate  # adabn_on_domain: the Ad
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
 from common.transforms import Compose, Resize
+from advent_maxsquare.releases import FORMAT_HELP, FORMATS, load_segmenter
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/advent_maxsquare/source/model.pth", help="model.pth of a run")
     p.add_argument("--ensemble", default=None, help="second checkpoint; logits averaged 0.5/0.5 (ADVENT)")
+    p.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --checkpoint and --ensemble: "
+                   + FORMAT_HELP)
     p.add_argument("--snapshots", default=None, help="folder of snapshot checkpoints: also report the best one")
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
@@ -68,11 +71,15 @@ def parse_args(argv=None):
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     amp = rt.amp_dtype(args.amp, device)
-    model, cfg = segmenter_from_checkpoint(args.checkpoint)
+    model, cfg, fmt = load_segmenter(args.checkpoint, args.checkpoint_format)  # strict; official releases too
+    if rank == 0:
+        print(f"[test] {args.checkpoint}: format {fmt}", flush=True)
     model = model.to(device, memory_format=rt.memory_format(amp))
     other = None
     if args.ensemble:
-        other, cfg2 = segmenter_from_checkpoint(args.ensemble)
+        other, cfg2, fmt2 = load_segmenter(args.ensemble, args.checkpoint_format)
+        if rank == 0:
+            print(f"[test] {args.ensemble}: format {fmt2}", flush=True)
         if (cfg2["num_classes"], cfg2["norm"]) != (cfg["num_classes"], cfg["norm"]):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
@@ -96,7 +103,8 @@ def main(args):
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
                    rank=rank, world_size=world, workers=args.workers, ensemble=other,
                    label_id_dir=args.save_label_ids)
-    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
+    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "checkpoint_format": fmt,
+              "target": tgt, "split": split,
               "flip": args.flip, "resize_labels": args.resize_labels, "adabn": args.adabn, "last": res,
               "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}

@@ -40,8 +40,9 @@ from common.datasets import infinite_loader, resolve_domain, train_set, eval_set
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
-from common.models import FCDiscriminator, make_segmenter, segmenter_from_checkpoint
+from common.models import FCDiscriminator, make_segmenter
 from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
+from advent_maxsquare.releases import FORMAT_HELP, FORMATS, load_segmenter
 
 SOURCE_CKPT = "runs/advent_maxsquare/source/model.pth"  # what train_source.py writes with no arguments
 # Defaults. PAPER: AdaptSegNet's train_gta2cityscapes_multi.py (SGD 2.5e-4, momentum 0.9, wd 5e-4; D Adam
@@ -72,6 +73,7 @@ def parse_args(argv=None):
                    help="weight of the adversarial term on the aux output (paper 2e-4: lambda_adv_target1)")
     g.add_argument("--init-from", default=None, help="source-only checkpoint (model.pth of train_source.py), "
                    "loaded strictly; 'scratch' = use --init instead (toy default: " + SOURCE_CKPT + " if present)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--multi", type=int, default=None, choices=[0, 1],
                    help="multi-level: aux (layer3) head with its own loss and discriminator (paper 1; toy 0)")
     g.add_argument("--lambda-seg", type=float, default=0.1, help="weight of the aux CE with --multi 1")
@@ -159,10 +161,10 @@ def main(args):
 
     # ---- model -----------------------------------------------------------------------------------
     if args.init_from and not args.init_from.startswith("scratch"):
-        model, mcfg = segmenter_from_checkpoint(args.init_from)  # strict: any key mismatch is an error
+        model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; official releases too
         if mcfg["num_classes"] != args.num_classes:
             raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, the data {args.num_classes}")
-        init = {"init_from": args.init_from}
+        init = {"init_from": args.init_from, "checkpoint_format": fmt}
     else:
         model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
                                      multi_level=bool(args.multi), two_branch=args.two_branch)

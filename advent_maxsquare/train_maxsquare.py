@@ -40,8 +40,9 @@ from common.datasets import infinite_loader, resolve_domain, train_set, eval_set
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
-from common.models import make_segmenter, segmenter_from_checkpoint
+from common.models import make_segmenter
 from common.transforms import Compose, GaussianBlur, RandomHFlip, Resize
+from advent_maxsquare.releases import FORMAT_HELP, FORMATS, load_segmenter
 
 SOURCE_CKPT = "runs/advent_maxsquare/source/model.pth"  # what train_source.py writes with no arguments
 # Defaults. PAPER: MaxSquare's solve_gta5.py and README (SGD 2.5e-4 restarted, momentum 0.9, wd 5e-4; poly 0.9
@@ -76,6 +77,7 @@ def parse_args(argv=None):
     g.add_argument("--epoch-each-round", type=int, default=None, help="passes per round (paper 2)")
     g.add_argument("--init-from", default=None, help="source-only checkpoint (model.pth of train_source.py), "
                    "loaded strictly; 'scratch' = use --init instead (toy default: " + SOURCE_CKPT + " if present)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--multi", type=int, default=None, choices=[0, 1],
                    help="multi-level: aux head with source CE and self-produced guidance on the target")
     g.add_argument("--lambda-seg", type=float, default=0.1, help="weight of the aux CE with --multi 1")
@@ -179,10 +181,10 @@ def main(args):
 
     # ---- model -----------------------------------------------------------------------------------
     if args.init_from and not args.init_from.startswith("scratch"):
-        model, mcfg = segmenter_from_checkpoint(args.init_from)  # strict: any key mismatch is an error
+        model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; official releases too
         if mcfg["num_classes"] != args.num_classes:
             raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, the data {args.num_classes}")
-        init = {"init_from": args.init_from}
+        init = {"init_from": args.init_from, "checkpoint_format": fmt}
     else:
         model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
                                      multi_level=bool(args.multi), two_branch=args.two_branch)

@@ -219,7 +219,7 @@ def check_inputs(out, args, resume=False):
         if path in (None, "", "scratch") or not isinstance(path, (str, Path)):
             continue
         what = "backbone weights (a state dict)" if flag == "init" else "a checkpoint of this project"
-        ck = read_checkpoint(path, what)
+        ck = read_checkpoint(path, what, numpy_scalars=True)  # official releases hold numpy numbers (MaxSquare's)
         cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
         n = getattr(args, "num_classes", None)
         if flag != "init" and n is not None and cfg.get("num_classes") not in (None, n):
@@ -348,9 +348,11 @@ def _what_is(path, head):
         return "binary data, not a PyTorch file"
 
 
-def read_checkpoint(path, what="a checkpoint", need=()):
+def read_checkpoint(path, what="a checkpoint", need=(), numpy_scalars=False):
     """THE checkpoint reader of every script: torch.load(weights_only=True) on CPU, every failure a one-line
-    CheckpointError naming the file, what it is, and what was expected (need: entries that must be there)."""
+    CheckpointError naming the file, what it is, and what was expected (need: entries that must be there).
+    numpy_scalars: also admit numpy numbers and arrays of numbers (officially released checkpoints hold some, e.g.
+    MaxSquare's best mIoU): common.safe_pickle's allow-list, the one of the project; still weights_only, no code."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} (expected {what})")
@@ -369,7 +371,9 @@ def read_checkpoint(path, what="a checkpoint", need=()):
         raise CheckpointError(f"{path} is truncated or corrupt (an incomplete PyTorch archive of {size} bytes); "
                               f"expected {what}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from .safe_pickle import numpy_globals  # (imports this module: imported here, not at the top)
+        with torch.serialization.safe_globals(numpy_globals() if numpy_scalars else []):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle_errors() as e:
         kind = ("holds pickled Python objects beyond tensors and plain containers (not a file this project writes; "
                 "it is never unpickled)") if "weights_only" in str(e) or "Unsupported" in str(e) else \

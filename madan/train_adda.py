@@ -35,11 +35,11 @@ import torch
 from common import cli, runtime as rt
 from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
 from common.evaluate import evaluate
-from common.fcn import segmenter_from_checkpoint
 from common.metrics import format_table
 from common.transforms import Compose, RandomHFlip, Resize
 from madan import losses as Lm
 from madan.models import AddaDiscriminator, FeatureHook
+from madan.releases import FORMAT_HELP, FORMATS, load_segmenter
 from madan.util import SOURCES_HELP, average_gradients, fill_defaults, sources_of
 
 # Defaults. PAPER: upstream adda_cyclegta2cs_score.sh (SGD lr 2e-5, momentum 0.9, wd 5e-4, batch 8, lambda_d 1,
@@ -64,6 +64,7 @@ def parse_args(argv=None):
             a.help = SOURCES_HELP + " (the translated ones: point --source-root at translate.py's output)"
     g = p.add_argument_group("method (ADDA on the aggregated adapted sources)")
     g.add_argument("--init-from", default=None, help="segmenter checkpoint to adapt (train_segmenter.py model.pth)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--discrim", default="score", choices=["score", "feat"], help="discriminator on the scores "
                    "(upstream --discrim_score) or on the last features (fc7 / layer4; --discrim_feat)")
     g.add_argument("--lambda-d", type=float, default=1.0, help="weight of the discriminator loss")
@@ -104,7 +105,8 @@ def main(args):
     rt.print_config(args, rank)
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = segmenter_from_checkpoint(args.init_from)
+    model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; official releases too
+    log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     if args.num_classes != mcfg["num_classes"]:
         raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, this run {args.num_classes}")
     model = model.to(device, memory_format=rt.memory_format(amp)).train()

@@ -31,11 +31,12 @@ import torch
 from common import cli, runtime as rt
 from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
 from common.evaluate import evaluate
-from common.fcn import make_segmenter, segmenter_from_checkpoint
+from common.fcn import make_segmenter
 from common.metrics import format_table
 from common.transforms import Compose, Resize
 from madan import losses as Lm
 from madan.models import DomainClassifier, FeatureHook
+from madan.releases import FORMAT_HELP, FORMATS, load_segmenter
 from madan.util import SOURCES_HELP, average_gradients, fill_defaults, sources_of
 
 # Defaults. PAPER: upstream train_fcn_mdan.py (FCN8s-VGG16, Adam 1e-4 on segmenter and heads, batch 1 per
@@ -60,6 +61,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (MDAN)")
     g.add_argument("--init-from", default=None, help="start from this segmenter checkpoint ('none': build from "
                    "--model/--init)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--mode", default="dynamic", choices=["dynamic", "maxmin"], help="aggregation over sources")
     g.add_argument("--gamma", type=float, default=10.0, help="soft-max temperature of 'dynamic'")
     g.add_argument("--mu", type=float, default=1e-2, help="weight of the domain losses")
@@ -84,7 +86,8 @@ def main(args):
 
     # ---- model -----------------------------------------------------------------------------------
     if args.init_from:
-        model, mcfg = segmenter_from_checkpoint(args.init_from)
+        model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; official releases too
+        log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     else:
         model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
                                      multi_level=False)

@@ -30,10 +30,11 @@ import torch
 from common import cli, runtime as rt
 from common.datasets import infinite_loader, resolve_domain, train_set, eval_set, DOMAINS
 from common.evaluate import evaluate
-from common.fcn import make_segmenter, segmenter_from_checkpoint
+from common.fcn import make_segmenter
 from common.metrics import format_table
 from common.transforms import Compose, RandomHFlip, Resize
 from madan.losses import seg_ce
+from madan.releases import FORMAT_HELP, FORMATS, load_segmenter
 from madan.util import SOURCES_HELP, fill_defaults, sources_of
 
 # Defaults. PAPER: upstream scripts/FCN/train_fcn8s_cyclesgta5.sh (FCN8s-VGG16, Adam 1e-4, batch 8,
@@ -67,6 +68,7 @@ def parse_args(argv=None, doc=None):
     g.add_argument("--random-mirror", type=int, default=0, choices=[0, 1], help="random horizontal flip "
                    "(upstream: no augmentation)")
     g.add_argument("--init-from", default=None, help="start from this segmenter checkpoint (model.pth)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     args = p.parse_args(argv)
     fill_defaults(args, TOY, PAPER)
     if args.model == "fcn8s" and args.backbone != "vgg16":
@@ -93,7 +95,8 @@ def main(args):
 
     # ---- model -----------------------------------------------------------------------------------
     if args.init_from:
-        model, mcfg = segmenter_from_checkpoint(args.init_from)
+        model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; official releases too
+        log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     else:
         model, mcfg = make_segmenter(args.model, args.backbone, args.num_classes, args.init, args.init_format,
                                      multi_level=False)
