@@ -65,6 +65,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (ADDA on the aggregated adapted sources)")
     g.add_argument("--init-from", default=None, help="segmenter checkpoint to adapt (train_segmenter.py model.pth)")
     g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
+    g.add_argument("--zero-skips", action="store_true", help="the released behaviour: reset the FCN8s skip layers "
+                   "(score_pool3/4) to 0 after loading --init-from, as upstream's train_fcn_adda.py --weights_init "
+                   "loads vgg.* and vgg_head.* only (off: every loaded weight is kept; README deviations)")
     g.add_argument("--discrim", default="score", choices=["score", "feat"], help="discriminator on the scores "
                    "(upstream --discrim_score) or on the last features (fc7 / layer4; --discrim_feat)")
     g.add_argument("--lambda-d", type=float, default=1.0, help="weight of the discriminator loss")
@@ -91,6 +94,19 @@ def parse_args(argv=None):
     return args
 
 
+def zero_skips(model):
+    """Upstream's load of an FCN8s (VGG16_FCN8s(weights_init=FILE), cycada/models/fcn8s.py): only vgg.* and vgg_head.*
+    are read, so score_pool3/4 keep their zero initialisation. Returns the names reset."""
+    names = [n for n in ("score_pool3", "score_pool4") if isinstance(getattr(model, n, None), torch.nn.Conv2d)]
+    if not names:
+        raise SystemExit(f"--zero-skips needs an FCN8s segmenter (score_pool3/4); this one is {type(model).__name__}")
+    with torch.no_grad():
+        for n in names:
+            getattr(model, n).weight.zero_()
+            getattr(model, n).bias.zero_()
+    return names
+
+
 def adda_aug(args, name):
     """Transform of domain `name`: resize to --crop-size (paper: 300x540), else the domain's size; optional flip."""
     return Compose([Resize(args.crop_size or DOMAINS[name][3])] + ([RandomHFlip()] if args.random_mirror else []))
@@ -109,6 +125,8 @@ def main(args):
     log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     if args.num_classes != mcfg["num_classes"]:
         raise SystemExit(f"{args.init_from} has {mcfg['num_classes']} classes, this run {args.num_classes}")
+    if args.zero_skips:
+        log.log({"event": "zero_skips", "reset": zero_skips(model)})
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
     hook = FeatureHook(model)
     disc = AddaDiscriminator(mcfg["num_classes"] if args.discrim == "score" else hook.channels()).to(device).train()

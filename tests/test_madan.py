@@ -314,3 +314,23 @@ def test_translation_and_segmenter_under_torchrun(tmp_path):
     p = run_torchrun("madan/train_segmenter.py", "--iters", "2", "--eval-every", "2", "--crop-size", "36,64", *tiny,
                      "--out", tmp_path / "seg", env=env)
     assert json.loads((tmp_path / "seg" / "final.json").read_text())["sources"] == ["toy_synthia", "toy_gta5"]
+
+
+def test_zero_skips_resets_only_the_fcn8s_skip_layers_as_upstream_loads_them():
+    """--zero-skips (the released behaviour of train_fcn_adda.py --weights_init): score_pool3/4 back to 0, every
+    other weight as loaded; a segmenter without FCN8s skips is refused."""
+    from common.fcn import FCN8s
+    from madan.train_adda import zero_skips
+    net = FCN8s(num_classes=4)
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.uniform_(0.5, 1.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert zero_skips(net) == ["score_pool3", "score_pool4"]
+    for k, v in net.state_dict().items():
+        if k.startswith(("score_pool3.", "score_pool4.")):
+            assert not v.any(), k
+        else:
+            assert torch.equal(v, before[k]), k
+    with pytest.raises(SystemExit, match="needs an FCN8s"):
+        zero_skips(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)))
