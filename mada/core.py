@@ -119,9 +119,10 @@ def selection_scores(vectors, counts, src_anchors, tgt_anchors=None, criterion="
 
 
 def budget_count(n, fraction, rounding="floor"):
-    """Number of images for a budget fraction: MADA int(0.05 N) (148 of 2975), MADAv2 round (149)."""
+    """Number of images for a budget fraction: MADA int(0.05 N) (148 of 2975), MADAv2 Python's round(0.05 N)
+    (149; halves to the even number, as step1_select_active_samples.py: round(6.5) = 6 for N = 130)."""
     x = fraction * n
-    k = int(np.floor(x + 1e-9)) if rounding == "floor" else int(np.floor(x + 0.5))
+    k = int(np.floor(x + 1e-9)) if rounding == "floor" else round(x)
     return max(1, min(n, k))
 
 

@@ -71,6 +71,10 @@ def test_selection_scores_match_formula(tmp_path, absent):
 def test_budget_topk_and_determinism():
     assert core.budget_count(2975, 0.05, "floor") == 148 and core.budget_count(2975, 0.05, "round") == 149
     assert core.budget_count(400, 0.05, "floor") == 20
+    # MADAv2 counts with Python's round(0.05 * N): a half goes to the even number (N = 130: 6.5 -> 6, N = 50:
+    # 2.5 -> 2), as step1_select_active_samples.py does (the differential suite found floor(x + 0.5) picking one more)
+    assert [core.budget_count(n, 0.05, "round") for n in (50, 70, 130, 150)] == [2, 4, 6, 8]
+    assert all(core.budget_count(n, f, "floor") == max(1, int(f * n)) for f in (0.01, 0.05, 0.1) for n in range(20, 4000))
     s = np.array([0.1, 0.5, 0.5, 0.2, 0.9, 0.5])
     assert core.top_k(s, 3).tolist() == [1, 2, 4]      # ties -> lower index
     assert core.top_k(s, 3).tolist() == core.top_k(s.copy(), 3).tolist()
