@@ -78,6 +78,9 @@ def parse_args(argv=None):
     g.add_argument("--lambda-seg", type=float, default=0.1, help="weight of the aux CE with --multi 1")
     g.add_argument("--lr-d", type=float, default=None, help="discriminator Adam lr (poly schedule too)")
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--released-repeats", action="store_true", help="the released optimiser: the backbone group lists "
+                   "each weight once per enclosing module (3-4x larger backbone steps; README deviation 17). "
+                   "Off: each weight once, at the stated lr")
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--random-mirror", type=int, default=None, choices=[0, 1],
                    help="random horizontal flip (default: the preset's, see PAPER/TOY)")
@@ -202,7 +205,7 @@ def main(args):
     val = eval_set(tgt, tgt_root, args.num_classes, mcfg["norm"])
 
     # ---- optimiser, resume -----------------------------------------------------------------------
-    optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay)
+    optimizer = rt.sgd_10x(model, args.lr, args.momentum, args.weight_decay, args.released_repeats)
     params_d = [q for D in discs.values() for q in D.parameters()]
     opt_d = torch.optim.Adam(params_d, lr=args.lr_d, betas=(0.9, 0.99)) if discs else None
     scaler = rt.grad_scaler(device, amp)

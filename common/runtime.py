@@ -158,9 +158,23 @@ def set_lr(optimizer, lr):
     return lr
 
 
-def sgd_10x(model, lr, momentum=0.9, weight_decay=5e-4):
-    """SGD with the backbone at lr and the heads at 10x lr (DeepLab practice). Frozen params skipped."""
+def sgd_10x(model, lr, momentum=0.9, weight_decay=5e-4, released_repeats=False):
+    """SGD with the backbone at lr and the heads at 10x lr (DeepLab practice). Frozen params skipped.
+    released_repeats: the backbone group as AdaptSegNet, ADVENT, MaxSquare and Adversarial_DA_Exp build it
+    (get_1x_lr_params_NOscale: `for j in b[i].modules(): for k in j.parameters()` over conv1, bn1, layer1-4), i.e.
+    each weight once per enclosing module (stem conv1 once, a block's weights 3x, a downsample's 4x), and SGD steps
+    it once per occurrence: a 3-4x larger backbone step than the stated lr (advent_maxsquare README, deviation 17)."""
     backbone, heads = model.param_groups()
+    if released_repeats:
+        b = model.backbone
+        backbone = [p for top in (b.conv1, b.bn1, b.layer1, b.layer2, b.layer3, b.layer4)
+                    for m in top.modules() for p in m.parameters()]
+        import warnings
+        with warnings.catch_warnings():  # the duplicates are the point here (torch warns about them)
+            warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+            return torch.optim.SGD([{"params": [p for p in backbone if p.requires_grad], "lr": lr, "lr_mult": 1.0},
+                                    {"params": [p for p in heads if p.requires_grad], "lr": 10 * lr, "lr_mult": 10.0}],
+                                   lr=lr, momentum=momentum, weight_decay=weight_decay)
     groups = [{"params": [p for p in backbone if p.requires_grad], "lr": lr, "lr_mult": 1.0},
               {"params": [p for p in heads if p.requires_grad], "lr": 10 * lr, "lr_mult": 10.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -330,3 +330,36 @@ def test_torchrun_two_processes_with_discriminators(tmp_path, tiny):
                      "--eval-every", "2", "--workers", "0", "--init-from", "scratch", "--multi", "1",
                      "--gan", "ls", "--out", out)
     assert (out / "model.pth").exists() and "[done]" in p.stdout
+
+
+def test_released_repeats_step_each_backbone_weight_once_per_enclosing_module():
+    """--released-repeats (deviation 17): upstream's get_1x_lr_params_NOscale lists a weight once per module that
+    encloses it below conv1/bn1/layer1-4, and SGD steps each occurrence. Counted directly here, and one plain SGD
+    step (no momentum, no decay, a fixed gradient) moves a weight exactly that many times as far as ours."""
+    from common.models import build_model
+    from common.runtime import sgd_10x
+    torch.manual_seed(0)
+    net = build_model("deeplabv2", 19, "resnet18", multi_level=False)
+    b = net.backbone
+    expect = {id(b.conv1.weight): 1, id(b.bn1.weight): 1, id(b.layer1[0].conv1.weight): 3,
+              id(b.layer2[0].downsample[0].weight): 4, id(b.layer4[1].bn2.bias): 3}
+    plain = sgd_10x(net, 0.1, momentum=0.0, weight_decay=0.0)
+    released = sgd_10x(net, 0.1, momentum=0.0, weight_decay=0.0, released_repeats=True)
+    counts = {}
+    for p in released.param_groups[0]["params"]:
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    assert {k: counts[k] for k in expect} == expect
+    assert sorted(map(id, plain.param_groups[0]["params"])) == sorted(counts)  # the same weights, each once
+    assert released.param_groups[1]["params"] == plain.param_groups[1]["params"]  # heads: once, at 10x
+    for opt, times in ((plain, 1), (released, None)):
+        w0 = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        opt.step()
+        moved = {id(p): (p, g["lr"]) for g in opt.param_groups for p in g["params"]}
+        for key, (p, lr) in moved.items():
+            n = times or counts.get(key, 1)
+            assert torch.allclose(w0[key] - p.detach(), torch.full_like(p, n * lr), atol=1e-6), n
+        for key, (p, _) in moved.items():
+            p.data.copy_(w0[key])
