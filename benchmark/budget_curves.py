@@ -52,12 +52,13 @@ PREREQ = {"advent_maxsquare": ["Source only"], "d2ada": ["D2ADA warm-up (UDA, Ad
 PUBLISHED = ROOT / "benchmark" / "budget_curves"
 
 
-def grid_rows(families, extra_scales, only_scales=None):
+def grid_rows(families, extra_scales, only_scales=None, only_rows=None):
     """The pipelines of the grid (run.budget_variant of each K, val split), each once, prerequisites first.
-    only_scales: family -> the lengths to run instead of GRID's (a cut grid)."""
+    only_scales: family -> the lengths to run instead of GRID's; only_rows: the method rows to keep (a cut grid)."""
     chosen, seen = [], set()
     for fam in families:
         rows, control, scales = GRID[fam]
+        rows = [r for r in rows if not only_rows or r in only_rows]
         scales = (only_scales or {}).get(fam, scales)
         for k in sorted(set(scales) | set(extra_scales.get(fam, ()))):
             variant = run.budget_variant(run.PIPELINES, k, "val")
@@ -200,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--scales", nargs="+", default=[], metavar="FAMILY=K,K", help="run only these lengths of a "
                     "family's curve, e.g. advent_maxsquare=1,4 (issue 28's cut: the 12x point is dropped first for "
                     "rows whose 4x point shows no trend)")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these method rows (their controls and "
+                    "prerequisites come with them), e.g. to cut the grid")
     ap.add_argument("--out", default="benchmark/out_budget", help="working folder (every step's run folder; the table)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="pipeline-seeds at once")
     ap.add_argument("--workers", type=int, default=0, help="data-loading workers of every step (see run.py)")
@@ -218,7 +221,10 @@ def main(argv=None):
                 ks = ""
             if fam not in GRID or not ks:
                 ap.error(f"{flag} takes FAMILY=K[,K...] with FAMILY in {list(GRID)}, got {item!r}")
-    chosen = grid_rows(args.families, extra, only)
+    unknown = set(args.rows or ()) - {r for rows, _, _ in GRID.values() for r in rows}
+    if unknown:
+        ap.error(f"--rows: not rows of the grid: {sorted(unknown)}")
+    chosen = grid_rows(args.families, extra, only, args.rows)
     out = (ROOT / args.out).resolve()
     if args.list:
         for p in chosen:
@@ -229,7 +235,10 @@ def main(argv=None):
         return 0
     run.configure(3, args.jobs, args.workers)
     if not args.report:
-        code = run.execute(chosen, args.seeds, out, args.jobs, out / "results", {}, args.progress_every,
+        pub = run.recorded_times(out)  # the published 1x wall times; a row at K estimated as K times its own
+        times = {p["name"]: (pub[p["base_name"]][0] * (p["scale"] if "[x" in p["name"] else 1), pub[p["base_name"]][1])
+                 for p in chosen if p["base_name"] in pub}
+        code = run.execute(chosen, args.seeds, out, args.jobs, out / "results", times, args.progress_every,
                            again="python benchmark/budget_curves.py --report")
         if code is not None:
             return code
