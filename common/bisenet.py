@@ -11,7 +11,8 @@ and SS-ADA (the CoinCheung/BiSeNet layout they build on).
   'ssada' (SS-ADA bisenetv1.py:261-300): attention = sigmoid(BN(conv1x1 256->256(avg))); ReLU after BN;
           classifiers with a bias.
   'tufl'  (TUFL unsup/model.py:188-218): attention = sigmoid(conv 64->256(ReLU(conv 256->64(avg)))), no BN;
-          every conv-BN is an InPlaceABN with its default leaky ReLU (slope 0.01), and the 1x1
+          every conv-BN is an InPlaceABN with its default leaky ReLU (slope 0.01), in the ResNet-18 too
+          (after the stem's and each block's first BN: `_layer`), and the 1x1
           classifiers have no bias (model.py:45).
 - Three heads: "out" (FFM, 1/8), "aux16" (context feature at 1/8), "aux32" (context feature at 1/16);
   the two aux heads are returned in training mode only (deep supervision).
@@ -118,14 +119,28 @@ class BiSeNetV1(nn.Module):
     def context(self, x):
         """Context path: (feature at 1/8, feature at 1/16), 128 channels each."""
         n = self.backbone
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        f8 = n.layer2(n.layer1(x))
-        f16 = n.layer3(f8)
-        f32 = n.layer4(f16)
+        if self.variant == "tufl":  # TUFL's ResNet-18 (unsup/resnet.py:40-90): InPlaceABN's leaky ReLU after bn1
+            x = n.maxpool(F.leaky_relu(n.bn1(n.conv1(x)), 0.01))
+        else:
+            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        f8 = self._layer(n.layer2, self._layer(n.layer1, x))
+        f16 = self._layer(n.layer3, f8)
+        f32 = self._layer(n.layer4, f16)
         avg = self.conv_avg(f32.mean((2, 3), keepdim=True))
         up32 = self.conv_head32(_up_nearest(self.arm32(f32) + avg, f16))
         up16 = self.conv_head16(_up_nearest(self.arm16(f16) + up32, f8))
         return up16, up32
+
+    def _layer(self, layer, x):
+        """A ResNet stage; 'tufl': TUFL's BasicBlock (unsup/resnet.py:40-55), leaky ReLU (0.01, InPlaceABN's default)
+        after bn1 where torchvision's block has ReLU; bn2 and the downsample's BN without activation; ReLU after the
+        sum, as torchvision's."""
+        if self.variant != "tufl":
+            return layer(x)
+        for b in layer:
+            out = b.bn2(b.conv2(F.leaky_relu(b.bn1(b.conv1(x)), 0.01)))
+            x = F.relu(out + (b.downsample(x) if b.downsample is not None else x))
+        return x
 
     def forward(self, x, need_fp=False):
         cp8, cp16 = self.context(x)

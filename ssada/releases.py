@@ -33,9 +33,7 @@ model: such a file is refused, naming the keys. A file of a model built without 
 evaluation reads `head_out`). One of them half there is an error, as any other missing key.
 
 Not keys but differences of the forward that a converter cannot remove (said here so that nobody expects equal
-logits where they are not): (1) TUFL's ResNet-18 (unsup/resnet.py) applies InPlaceABN's leaky ReLU (slope 0.01)
-after the stem's BN and after each block's first BN, where common/bisenet.py's context path (torchvision's
-ResNet-18, both variants) applies ReLU; (2) SS-ADA's heads upsample their logits inside the model (nn.Upsample x8 /
+logits where they are not): SS-ADA's heads upsample their logits inside the model (nn.Upsample x8 /
 x16, bilinear, align_corners=False, model/semseg/bisenetv1.py:67-68), ours return them at the head's resolution and
 the evaluation upsamples with align_corners=True (TUFL's choice, unsup/model.py:266). At the heads' resolution an
 SS-ADA file gives SS-ADA's logits.

@@ -527,3 +527,25 @@ def test_sliding_windows_match_tufl_crop_eval():
     model = lambda x: calls.append(tuple(x.shape[-2:])) or {"out": torch.zeros(1, 2, *x.shape[-2:])}
     sliding_logits(model, torch.zeros(1, 3, 1024, 2048), (647, 647), 2, None, 5 / 6)
     assert len(calls) == 2 * 4 and set(calls) == {(647, 647)}
+
+
+def test_tufl_resnet_has_tufls_leaky_relu_after_each_first_bn():
+    """TUFL's ResNet-18 (unsup/resnet.py:40-90; found by tests/upstream/test_ssada_tufl.py): InPlaceABN's leaky ReLU
+    (0.01) after the stem's and each block's first BN, ReLU after the residual sum. Checked against a direct
+    evaluation of one block; the 'ssada' variant keeps torchvision's block."""
+    from common.bisenet import BiSeNetV1
+    torch.manual_seed(0)
+    for variant in ("tufl", "ssada"):
+        net = BiSeNetV1(13, variant=variant).eval()
+        with torch.no_grad():
+            for m in net.backbone.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):  # negative pre-activations, so the slope matters
+                    m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.bias.uniform_(-1, 0.2)
+            blk = net.backbone.layer1[0]
+            x = torch.randn(1, 64, 12, 12)
+            h = blk.bn1(blk.conv1(x))
+            h = torch.where(h > 0, h, (0.01 if variant == "tufl" else 0.0) * h)
+            want = torch.clamp(blk.bn2(blk.conv2(h)) + x, min=0)
+            got = net._layer(torch.nn.Sequential(blk), x)
+            assert torch.allclose(got, want, atol=1e-6), variant
+            assert torch.allclose(got, blk(x), atol=1e-6) == (variant == "ssada")

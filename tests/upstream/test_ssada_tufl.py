@@ -2,11 +2,14 @@
 unsupervised focal loss (tests/upstream/README.md): the per-image acquisition scores (calculate_entropy,
 calculate_confidence, AC_Sample.calculate_iou_score, then np.mean per image), THE SELECTED IMAGES
 (AC_Sample.update_labeled_unlabeled driven with those scores), the IoU-based class weights
-(AC_Sample.generate_class_weights_2), and TUFL's UnsupFocalLoss (fixed tau) forward and gradient. CPU, fp32.
+(AC_Sample.generate_class_weights_2), and TUFL's UnsupFocalLoss (fixed tau) and AdaptUnsupFocalLoss (adaptive tau, two
+calls: the thresholds carried over) forward and gradient, the shared-threshold deviation shown exactly, and one TUFL
+training iteration (train_step.unsup_step + backward + utils/optimizer.py:Optimizer.step on TUFL's BiSeNet with a
+CPU stand-in for inplace_abn, vs ssada/train_tufl.py main(): every weight, BN statistic and momentum buffer). CPU, fp32.
 Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_ssada_tufl.py -m upstream
 
 Not compared yet (left undone, see ssada/README.md "Parity"): SS-ADA's semi-supervised losses and training
-iteration, TUFL's adaptive-tau loss (AdaptUnsupFocalLoss) and its training iteration. AC_Sample's inference loop
+iteration. AC_Sample's inference loop
 reads images from disk and writes PNGs; the scores are computed here with the very functions it calls on the same
 logits, and update_labeled_unlabeled runs with rank 1 (the selection itself; rank 0 only writes the lists and
 re-reads the ground truth). When OpenCV is absent, `cv2` is a stand-in module (util/functions.py imports it at
@@ -186,24 +189,6 @@ class _ABN(torch.nn.Module):
         return y
 
 
-def _leaky_backbone(model):
-    """TUFL's ResNet-18 (unsup/resnet.py) has InPlaceABN's leaky ReLU (0.01) after the stem's BN and each block's
-    first BN, where our context path (torchvision's ResNet-18) has ReLU: the one forward difference a converter
-    cannot remove (ssada/releases.py docstring, README 'Starting from the released artifacts'). The training test
-    compares the training step, so our backbone is given TUFL's activations here."""
-    import torch.nn.functional as F
-
-    def block(self, x):
-        idt = x if self.downsample is None else self.downsample(x)
-        return F.relu(self.bn2(self.conv2(F.leaky_relu(self.bn1(self.conv1(x)), 0.01))) + idt)
-
-    for layer in (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4):
-        for blk in layer:
-            blk.forward = types.MethodType(block, blk)
-    model.backbone.relu = torch.nn.LeakyReLU(0.01)
-    return model
-
-
 TUFL_HW = (64, 64)
 TUFL_LR = 1e-3  # larger than the README's 0.5e-5 so that a step moves the weights by more than the 1e-5 tolerance
 
@@ -216,13 +201,15 @@ def _tufl_batch(seed):
     return x, y, xt, s1
 
 
-def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn):
+def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=0.0):
     """Upstream: BiSeNet(13, sup_mode='deep') (random weights), get_loss / get_optim / train_step with the README's
     focal (or adapt_focal) arguments, then train_paste.train()'s loop body for iteration 0: unsup_step(...),
     loss.backward(), optim.step(). train() itself is not run: it opens an NCCL process group and wraps the nets in
-    DistributedDataParallel (nothing else in the loop body is skipped: no paste mode). The second view's logits
+    DistributedDataParallel (nothing else in the loop body is skipped: no paste mode). perturb: the inputs scaled by
+    1 + perturb (to measure upstream's own fp32 noise). The second view's logits
     are aligned by perform_affine_tf with a horizontal flip matrix (ours mirrors; the README lists it)."""
     x, y, xt, s1 = _tufl_batch(5)
+    x, xt, s1 = x * (1 + perturb), xt * (1 + perturb), s1 * (1 + perturb)
     abn = types.ModuleType("inplace_abn")
     abn.InPlaceABNSync = abn.InPlaceABN = _ABN
     monkeypatch.setitem(__import__("sys").modules, "inplace_abn", abn)
@@ -262,7 +249,7 @@ def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn):
 
 def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn):
     """Ours: ssada/train_tufl.py main() in-process for one adaptation iteration (--init-from: the upstream initial
-    weights through ssada.releases.from_tufl, our backbone with TUFL's leaky ReLUs), the same batch; data,
+    weights through ssada.releases.from_tufl), the same batch; data,
     evaluation and checkpoint writing patched out."""
     import common.runtime as rt
     from ssada import releases, train_tufl
@@ -271,7 +258,7 @@ def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn):
     sd, cfg = releases.from_tufl(init, "upstream initial weights")
     model = BiSeNetV1(13, variant="tufl")
     sd.update({k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k.endswith("num_batches_tracked")})
-    model = _leaky_backbone(H.load_strict(model, sd))  # inplace_abn keeps no step counters (load_segmenter: 0)
+    model = H.load_strict(model, sd)  # inplace_abn keeps no step counters (load_segmenter: 0)
     loaders = iter([iter([{"image": x, "label": y}]), iter([{"image": xt, "s1": s1}])])
     (tmp_path / "init.pth").touch()
     args = train_tufl.parse_args(
@@ -325,5 +312,62 @@ def test_tufl_training_iteration(monkeypatch, tmp_path, thresholds, freeze_bn):
     H.compare_states(f"{what}: weights and BN statistics after the step", ours_sd, sd_t, official=off)
     name = {id(p): releases._rename(n) for n, p in net.named_parameters()}
     buf_t = {f"{name[i]}:{k}": v for i, s in rec_t[0].steps[0].state.items() for k, v in s.items()}
-    H.compare_states(f"{what}: SGD momentum buffers", H.state_by_name(rec[0].steps[0].state, model), buf_t,
-                     official=off)
+    buf = H.state_by_name(rec[0].steps[0].state, model)
+    # A buffer off by more than 1e-5 is held instead to upstream's own fp32 noise on it: the same upstream step on
+    # the inputs scaled by 1 + 1e-7. With frozen BN the random running statistics saturate the FFM's sigmoid
+    # attention and its weights' gradients come out of cancellation: measured, upstream's own ffm.conv1/conv2
+    # buffers move by 1e-4 relative under that perturbation, ours are 1.1e-5 from them. Each such buffer is named
+    # in the record's note with its noise; every other buffer is held to 1e-5.
+    rel = {k: float((buf[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in buf_t.items()}
+    noise, ill = {}, set()
+    if any(r > H.RTOL for r in rel.values()):
+        net_p, _, rec_p, _ = _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=1e-7)
+        name_p = {id(p): releases._rename(n) for n, p in net_p.named_parameters()}
+        buf_p = {f"{name_p[i]}:{k}": v for i, s in rec_p[0].steps[0].state.items() for k, v in s.items()}
+        noise = {k: float((buf_p[k] - buf_t[k]).abs().max() / buf_t[k].abs().max()) for k in rel if rel[k] > H.RTOL}
+        ill = set(noise)
+    H.compare_states(f"{what}: SGD momentum buffers", buf, {k: v for k, v in buf_t.items() if k not in ill},
+                     names={k: k for k in buf_t if k not in ill}, official=off,
+                     note=f"{len(ill)} buffers off by more than 1e-5 compared to their noise in the next row")
+    if ill:
+        H.compare_states(f"{what}: SGD momentum buffers off by > 1e-5, each held to upstream's own fp32 noise",
+                         buf, {k: buf_t[k] for k in ill}, names={k: k for k in ill}, rtol=max(noise.values()),
+                         official=off, note="; ".join(f"{k}: {rel[k]:.2e} off, noise {noise[k]:.1e}" for k in sorted(ill)))
+        assert all(rel[k] <= noise[k] for k in ill), {k: (rel[k], noise[k]) for k in ill}
+
+
+def test_tufl_shared_thresholds():
+    """The listed deviation 'TUFL adaptive thresholds' (README deviations table), shown exactly: upstream's
+    unsup_step calls ONE AdaptUnsupFocalLoss for the main, 1/16 and 1/32 heads, so its per-class thresholds are
+    updated three times per step, each head seeing the previous head's update; ours keep one vector per head. On the
+    same three heads' logits: the main head's thresholds and loss are equal; the 1/16 and 1/32 heads' differ by the
+    recorded amount (not asserted equal); with one upstream criterion per head every head is equal."""
+    C13 = 13
+    w = torch.tensor(losses.TUFL_CLASS_WEIGHTS["middle"])
+    heads = [_tufl_views(20 + h) for h in range(3)]
+    off = "TUFL unsup/train_step.py:train_step.unsup_step (one criteria_unsup for the three heads)"
+    kw = dict(weight=w, uda_confidence_thresh=0.8, focal_gamma=2.0, adapt_b=0.8, adapt_a=0.9, adapt_d=8.0, n_class=C13)
+    with H.upstream("TUFL"):
+        lm = __import__("utils.loss", fromlist=["x"])
+        shared = lm.AdaptUnsupFocalLoss(**kw)
+        own = [lm.AdaptUnsupFocalLoss(**kw) for _ in heads]
+        t_shared, t_own = [], []
+        for h, (a, b) in enumerate(heads):
+            t_shared.append((shared(a, b, None, 0)[0], shared.cls_thresh.clone()))
+            t_own.append((own[h](a, b, None, 0)[0], own[h].cls_thresh.clone()))
+    for h, (a, b) in enumerate(heads):
+        thr = losses.AdaptiveThresholds(C13, 0.8, a=0.9, b=0.8, d=8.0)
+        tau = thr.update(torch.softmax(a, 1))
+        lo, _ = losses.unsup_focal_loss(a, b, gamma=2.0, thresh=tau, focal_type=1, weight=w)
+        head = ("main", "1/16", "1/32")[h]
+        H.compare(f"{head} head, one criterion per head: thresholds", thr.tau, t_own[h][1], official=off)
+        H.compare(f"{head} head, one criterion per head: loss", lo, t_own[h][0], official=off)
+        if h == 0:
+            H.compare("main head, upstream's shared criterion: thresholds", thr.tau, t_shared[0][1], official=off)
+            H.compare("main head, upstream's shared criterion: loss", lo, t_shared[0][0], official=off)
+        else:
+            for what, o, t in (("thresholds", thr.tau, t_shared[h][1]), ("loss", lo, t_shared[h][0])):
+                d, r, _ = H._measure(o, t)
+                H.record(f"{head} head vs upstream's shared criterion: {what} (listed deviation)", d, r, False,
+                         official=off, note="one threshold vector per head here, shared by the three heads upstream")
+                assert r > H.RTOL, f"{head} {what}: expected the shared-vector difference"
