@@ -12,6 +12,7 @@ memory) as Markdown, JSON and a bar chart PNG.
     python benchmark/run.py --jobs 1                # one step at a time, all cores each (default --jobs 2)
     python benchmark/run.py --extra                 # also the extra rows (fp32 parity, ablations, 2 controls)
     python benchmark/run.py --toy-version 2         # the table before issue 17 (benchmark/results_v2.*)
+    python benchmark/run.py --budget long --seeds 0 1 2   # the long-budget preset (issue 28): D2ADA vs random at 2x
     python benchmark/run.py --budget-scale 4 --eval-split val --only "ADVENT MinEnt" "Source only, continued (control)"
                                                     # 4x the toy training length, on val (issue 28; the grid of
                                                     # training lengths is benchmark/budget_curves.py)
@@ -817,6 +818,13 @@ SCALED = ("advent_maxsquare/train_maxsquare.py", "advent_maxsquare/train_adaptse
           "advent_maxsquare/train_advent.py", "mada/train_stage1.py", "d2ada/train_ada.py")
 
 
+# The long-budget preset (issue 28, `--budget long`): the rows of the families whose budget curve separated from its
+# control on val by the rule stated before (benchmark/budget_curves.py), at the shortest such length; its 3-seed test
+# table is published beside the default one (benchmark/results_x<K>.*), the default table does not change.
+LONG = dict(scale=2, rows=("D2ADA warm-up (UDA, AdaptSegNet)", "D2ADA (5 rounds, 5% target pixels)",
+                           "D2ADA baseline: random regions (5%)"))
+
+
 def toy_preset(script):
     """The literal values of a script's TOY preset dict (its toy defaults), read from its source."""
     import ast
@@ -1290,6 +1298,9 @@ def main(argv=None):
                     "its toy preset's length (--iters, --eval-every, --save-every; the poly schedule stretched over "
                     "it); changed rows are named '<row> [xK]' and write their own _xK folders beside the shared "
                     "unscaled steps (issue 28, benchmark/budget_curves.py)")
+    ap.add_argument("--budget", default="default", choices=("default", "long"), help="long: the long-budget "
+                    "preset (LONG: D2ADA and its random-regions control at 2x training per round, issue 28), i.e. "
+                    "--budget-scale 2 --only those rows; published as benchmark/results_x2.*")
     ap.add_argument("--eval-split", default="test", choices=("test", "val"), help="the split every row's last "
                     "step evaluates (default test, the published table's; val for the budget curves, which must not "
                     "look at the test split: rows are named '<row> [val]' and cannot be published)")
@@ -1300,6 +1311,10 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="run nothing; aggregate the finished results in OUT into "
                     "OUT/results.* (benchmark/results.* with --publish); writes nothing if nothing has finished")
     args = ap.parse_args(argv)
+    if args.budget == "long":
+        if args.budget_scale != 1 or args.only:
+            ap.error("--budget long sets --budget-scale and --only itself (LONG in benchmark/run.py)")
+        args.budget_scale, args.only = LONG["scale"], list(LONG["rows"])
     if args.budget_scale <= 0:
         ap.error("--budget-scale must be positive")
     if args.publish and args.eval_split != "test":

@@ -359,3 +359,14 @@ def test_budget_curves_pair_rows_with_their_control_and_apply_the_rule(tmp_path,
     assert recs[2]["minus_control"] == [0.0, 0.0, 0.0] and not recs[2]["separates"]  # a tie never separates
     bc.plot(list(recs.values()), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_budget_long_is_the_long_preset_and_refuses_its_own_flags(capsys):
+    assert bench.main(["--budget", "long", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "D2ADA (5 rounds, 5% target pixels) [x2]" in out and "D2ADA baseline: random regions (5%) [x2]" in out
+    assert "3 of" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--budget", "long", "--budget-scale", "4", "--list"])
+    with pytest.raises(SystemExit):  # val results are never published into the held-out test table
+        bench.main(["--eval-split", "val", "--publish", "--list"])
