@@ -11,8 +11,9 @@ index_add_ mean with the same result; gmm_scoring.py's `multiprocessing.Pool(5)`
 README's known hang is the fork of that pool); `np.object` (removed in numpy 1.24) = object;
 `torch.cuda.synchronize` a no-op; `collections.Iterable` (moved to collections.abc in Python 3.10; dataloader/ext_transforms.py at import); the selector's hard
 `torch.device('cuda:0')` for feature extraction becomes the CPU; `subprocess.call("python3 gmm_scoring.py ...")`
-runs the same script in-process. The training iteration on a region-labelled batch is not compared here (left
-undone: upstream's Trainer builds its model/datasets from argparse inside __init__).
+runs the same script in-process. The training iteration on a region-labelled batch
+(test_training_iteration_on_a_region_labelled_batch) runs BaseTrainer.__init__ + train_impl with get_model returning
+the prepared network, the trainer's hard `torch.device('cuda:0')` the CPU, and its loader one batch.
 """
 import json
 import os
@@ -326,3 +327,107 @@ def test_density_score_given_the_same_mixtures(tmp_path, monkeypatch):
                  diff / float(np.abs(theirs).max()), False, official="D2ADA active_selection/gmm_scoring.py:GMM_scoring",
                  note=f"listed deviation (mixture input float64); same order of d: "
                       f"{bool((np.argsort(own) == np.argsort(theirs)).all())}", n=len(own))
+
+
+# ------------------------------------------------------------------------------------------------
+# One training iteration on a region-labelled batch: agent/base_agent.py:BaseTrainer.train_impl vs our train_round
+# ------------------------------------------------------------------------------------------------
+TR_HW = (32, 64)
+
+
+def _region_batch(seed):
+    """A batch of 2 as our RegionLabeledSet / upstream's RegionDataset serve it: the labels of the selected regions
+    (superpixels of _spx) kept, every other pixel 255."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *TR_HW, generator=g)
+    y = torch.randint(0, C, (2, *TR_HW), generator=g)
+    for b in range(2):
+        spx = torch.from_numpy(np.kron(_spx(seed + b), np.ones((1, 2), np.uint8))[:TR_HW[0], :TR_HW[1]].astype(np.int64))
+        keep = torch.isin(spx, torch.tensor([1, 5, 7, 12, 20, 33]))
+        y[b][~keep] = 255
+    return x, y
+
+
+def _run_d2ada_upstream(monkeypatch, net, x, y, freeze, lr):
+    """BaseTrainer.__init__ (SGD: backbone lr, classifier 10 lr, momentum 0.9, weight decay; PolyLR; CE ignore 255)
+    with get_model returning the prepared network and the trainer's hard cuda:0 device the CPU, then its train_impl
+    for one iteration (the loop body train_ADA.py's Trainer.train runs: freeze_bn, forward, CE, backward, step)."""
+    _shims(monkeypatch)
+    real_device = torch.device
+    with H.upstream("D2ADA"), monkeypatch.context() as m:
+        ba = __import__("agent.base_agent", fromlist=["x"])
+        m.setattr(ba, "get_model", lambda **k: net)
+        rec = H.record_steps(m, watch=[net])
+        args = types.SimpleNamespace(model_save_dir=".", num_classes=C, model="deeplabv3plus_resnet50", output_stride=16,
+                                     separable_conv=False, train_lr=lr, weight_decay=5e-4, finetune_itrs=1000,
+                                     total_itrs=1000, loss_type="cross_entropy", ignore_idx=255, freeze_bn=freeze)
+        m.setattr(torch, "device", lambda *a, **k: real_device("cpu"))
+        tr = ba.BaseTrainer(args, None, 1)
+        m.setattr(torch, "device", real_device)
+        tr.device = real_device("cpu")
+        tr.train_dataset_loader = iter([{"images": x.clone(), "labels": y.clone()}])
+        torch.manual_seed(7)  # the same Dropout(0.1) mask of the ASPP projection on both sides
+        tr.train_impl(1, 10 ** 9)
+    return rec
+
+
+def _run_d2ada_ours(monkeypatch, tmp_path, model, x, y, freeze, lr):
+    """d2ada/train_ada.py:train_round for one iteration (--stop-iter 1 of --iters 1000) with its region-labelled
+    data stream replaced by the same batch."""
+    from d2ada import train_ada
+    args = train_ada.parse_args(["--out", str(tmp_path / "ours"), "--iters", "1000", "--stop-iter", "1", "--lr",
+                                 str(lr), "--weight-decay", "5e-4", "--freeze-bn", str(int(freeze)), "--amp", "off",
+                                 "--device", "cpu", "--workers", "0", "--batch-size", "2", "--save-every", "1000"])
+    log = types.SimpleNamespace(log=lambda *a, **k: None)
+    with monkeypatch.context() as m:
+        m.setattr(train_ada.R, "RegionLabeledSet", lambda *a, **k: None)
+        m.setattr(train_ada.R, "ConcatSet", lambda *a, **k: None)
+        m.setattr(train_ada, "infinite_loader", lambda *a, **k: iter([{"image": x.clone(), "label": y.clone()}]))
+        rec = H.record_steps(m, watch=[model])
+        torch.manual_seed(7)  # the same Dropout(0.1) mask of the ASPP projection on both sides
+        train_ada.train_round(args, 1, model, {}, types.SimpleNamespace(norm=None), None, {}, {},
+                              torch.device("cpu"), None, 0, 1, tmp_path, log)
+    return rec
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_training_iteration_on_a_region_labelled_batch(tmp_path, monkeypatch, freeze):
+    """One fine-tuning iteration of a round (DeepLabV3+ ResNet-50, output stride 16, random weights and BN
+    statistics; a batch of 2 whose labels are 6 superpixels per image, the rest 255): upstream BaseTrainer.train_impl
+    vs our train_round from the same weights (ours through d2ada.releases.from_d2ada, strict): the two SGD groups' lrs,
+    every weight and BN statistic after the step, every momentum buffer. BN frozen (paper: freeze_bn) and in training
+    mode. lr 1e-3 (paper 2.5e-4) so that the step moves the weights by more than the tolerance. The global RNG is
+    seeded alike before each side's iteration: the ASPP projection's Dropout(0.1) (both models) then draws the same
+    mask (without it the losses differ by 10%)."""
+    from d2ada import releases
+    from d2ada.model import DeepLabV3PlusD2ADA
+    x, y = _region_batch(50)
+    lr = 1e-3
+    with H.upstream("D2ADA"):
+        seg = __import__("models.segmentation", fromlist=["x"])
+        net = H.randomize(seg.deeplabv3plus_resnet50(num_classes=C, output_stride=16, pretrained_backbone=False), 51)
+    init = H.clone_state(net)
+    sd, cfg = releases.from_d2ada({"model_state_dict": init}, "upstream initial weights")
+    ours = H.load_strict(DeepLabV3PlusD2ADA(C, cfg["backbone"], 16), sd)
+    rec_t = _run_d2ada_upstream(monkeypatch, net, x, y, freeze, lr)
+    rec = _run_d2ada_ours(monkeypatch, tmp_path, ours, x, y, freeze, lr)
+    off = "D2ADA agent/base_agent.py:BaseTrainer.train_impl (+ __init__'s SGD / PolyLR / CE)"
+    what = f"D2ADA round fine-tuning, BN {'frozen' if freeze else 'training'}"
+    assert len(rec) == 1 and len(rec_t) == 1 and len(rec[0].steps) == 1 and len(rec_t[0].steps) == 1
+    H.compare(f"{what}: SGD group learning rates", torch.tensor(rec[0].lrs[0]), torch.tensor(rec_t[0].lrs[0]),
+              official=off)
+    after_t = {k: v for k, v in releases.from_d2ada({"model_state_dict": rec_t[0].steps[0].modules[0]}, "x")[0].items()}
+    moved = max(float((after_t[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in sd.items()
+                if v.is_floating_point())
+    assert moved > 1e-3, f"the step hardly moved the weights ({moved:.1e} rel): the comparison would prove nothing"
+    H.compare_states(f"{what}: weights and BN statistics after the step", rec[0].steps[0].modules[0], after_t,
+                     official=off)
+    # upstream parameter -> our name: from_d2ada renames without copying, so the renamed entry shares its storage
+    where = {v.data_ptr(): k for k, v in releases.from_d2ada({"model_state_dict": net.state_dict()}, "x")[0].items()}
+    ours_name = {id(p): where[p.data_ptr()] for p in net.parameters()}
+    buf_t = {f"{ours_name[i]}:{k}": v for i, s in rec_t[0].steps[0].state.items() for k, v in s.items()}
+    buf = H.state_by_name(rec[0].steps[0].state, ours)
+    H.compare_states(f"{what}: SGD momentum buffers", buf, buf_t, official=off)

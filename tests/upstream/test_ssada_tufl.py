@@ -8,8 +8,10 @@ training iteration (train_step.unsup_step + backward + utils/optimizer.py:Optimi
 CPU stand-in for inplace_abn, vs ssada/train_tufl.py main(): every weight, BN statistic and momentum buffer). CPU, fp32.
 Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_ssada_tufl.py -m upstream
 
-Not compared yet (left undone, see ssada/README.md "Parity"): SS-ADA's semi-supervised losses and training
-iteration. AC_Sample's inference loop
+SS-ADA's supervised criterion (util/ohem.py:ProbOhemCrossEntropy2d with the IoU class weights) and class-threshold
+pseudo-label mask (util/functions.py:generate_confidence_mask) forward and gradient. Not comparable at the pin: the
+SS-ADA training script ss_ada_bisenetv1_single.py (the UniMatch pseudo-label CE on the strong / feature-perturbed
+views and the loss sum, one training iteration) is not in the pinned checkout 483e335. AC_Sample's inference loop
 reads images from disk and writes PNGs; the scores are computed here with the very functions it calls on the same
 logits, and update_labeled_unlabeled runs with rank 1 (the selection itself; rank 0 only writes the lists and
 re-reads the ground truth). When OpenCV is absent, `cv2` is a stand-in module (util/functions.py imports it at
@@ -371,3 +373,70 @@ def test_tufl_shared_thresholds():
                 H.record(f"{head} head vs upstream's shared criterion: {what} (listed deviation)", d, r, False,
                          official=off, note="one threshold vector per head here, shared by the three heads upstream")
                 assert r > H.RTOL, f"{head} {what}: expected the shared-vector difference"
+
+
+# ------------------------------------------------------------------------------------------------
+# SS-ADA's semi-supervised losses: what the pinned commit holds of them
+# ------------------------------------------------------------------------------------------------
+# The training script ss_ada_bisenetv1_single.py (its loop body: the UniMatch pseudo-label CE on the two strong views
+# and the feature-perturbed view, and the loss sum) is NOT in the pinned checkout 483e335 (it exists only at earlier
+# commits, a02e3d8 / 54f07bd): no SS-ADA training iteration or unlabeled CE can be driven here from official code.
+# What the pin holds of the losses is compared: the labelled / source criterion ProbOhemCrossEntropy2d (util/ohem.py,
+# with the IoU class weights of generate_class_weights_2 as the script passes them) and the class-threshold
+# confidence mask generate_confidence_mask (util/functions.py) that selects the pseudo-labelled pixels.
+def _ohem_case(seed, n=2, hw=(32, 64)):
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(n, C, *hw, generator=g)
+    label = torch.randint(0, C, (n, *hw), generator=g)
+    logits.scatter_(1, label.unsqueeze(1), 9.0 * torch.rand(n, 1, *hw, generator=g))  # a spread of p(true class)
+    label[:, :4] = 255
+    label[:, :, -3:] = 255
+    return logits, label
+
+
+@pytest.mark.parametrize("min_kept,weighted", [(1000, True), (3000, True), (3000, False), (10 ** 6, True), (20, False)])
+def test_ssada_ohem_ce_with_iou_class_weights(min_kept, weighted):
+    """SS-ADA util/ohem.py:ProbOhemCrossEntropy2d (thresh 0.7, ignore 255; use_weight with the IoU class weights of
+    AC_Sample.generate_class_weights_2, as the training script builds criterion_l after a round, or unweighted as
+    before the first round) forward and gradient w.r.t. the logits == our weighted_ohem_ce, on 2 x 19 x 32 x 64 logits
+    with ignored rows/columns (3416 valid pixels, 59% of them at p(true class) <= 0.7): min_kept 3000 (the 3000th
+    hardest pixel is at 0.97: the threshold moves up to it), 1000 and 20 (the 0.7 threshold holds), 10**6 (more than
+    the valid pixels: no mining)."""
+    logits0, label = _ohem_case(30 + min_kept % 7)
+    iou = _iou(31)
+    with H.upstream("SS-ADA"):
+        ohem = __import__("util.ohem", fromlist=["x"])
+        acs = __import__("util.active_sample", fromlist=["x"])
+        w = acs.AC_Sample.generate_class_weights_2(types.SimpleNamespace(iou_classes=iou, num_classes=C),
+                                                   fre_cfg={"upper_value": 2.0}).float() if weighted else None
+        crit = ohem.ProbOhemCrossEntropy2d(ignore_index=255, thresh=0.7, min_kept=min_kept, use_weight=weighted,
+                                           weight=w)
+        lt_in = logits0.clone().requires_grad_()
+        lt = crit(lt_in, label.clone())
+        lt.backward()
+    lo_in = logits0.clone().requires_grad_()
+    w_ours = losses.iou_class_weights(iou.float(), 2.0) if weighted else None
+    lo = losses.weighted_ohem_ce(lo_in, label.clone(), thresh=0.7, min_kept=min_kept, weight=w_ours)
+    lo.backward()
+    off = "SS-ADA util/ohem.py:ProbOhemCrossEntropy2d.forward"
+    what = f"OHEM CE min_kept {min_kept}, {'IoU-weighted' if weighted else 'unweighted'}"
+    H.compare(f"{what}: loss", lo.detach(), lt.detach(), official=off)
+    H.compare(f"{what}: gradient w.r.t. the logits", lo_in.grad, lt_in.grad, official=off)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.37])
+def test_ssada_class_threshold_confidence_mask(ratio):
+    """SS-ADA util/functions.py:generate_confidence_mask (the --class-threshold pseudo-label mask: conf >=
+    IoU_{pseudo label} * threshold_ratio; the script's dynamic ratio threshold * (1 - iters / total_iters), here 1
+    and 0.37) == our confidence_mask with class_iou. Exact (booleans) on 2 x 32 x 64 pseudo labels of random logits.
+    (The plain mask conf >= conf_thresh is written inline in the training script, not at the pin.)"""
+    logits = _logits(2, 40, hw=(32, 64))
+    conf, pseudo = logits.softmax(1).max(1)
+    iou = _iou(41).float()
+    with H.upstream("SS-ADA"):
+        fn = __import__("util.functions", fromlist=["x"])
+        theirs = fn.generate_confidence_mask(pseudo, conf, iou, threshold_ratio=ratio)
+    ours = losses.confidence_mask(pseudo, conf, class_iou=iou, ratio=ratio)
+    assert 0 < int(theirs.sum()) < theirs.numel()
+    H.compare(f"class-threshold mask (ratio {ratio})", ours.to(torch.uint8), theirs.to(torch.uint8),
+              official="SS-ADA util/functions.py:generate_confidence_mask")
