@@ -188,6 +188,8 @@ def plot(recs, path):
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
             d.text((x0, H + 10 + 14 * j), f"{name} - {fr[0]['control']}"[:70], fill=col)
         d.text((x0, 8), f"{fam}: val mIoU minus control vs training length", fill="black")
+        d.text((x0, H + 10 + 14 * len(rows)), "dashed red: twice the control's seed spread (the rule's threshold); "
+               "shaded: the seeds' range", fill=(120, 0, 0))
     img.save(path)
 
 
