@@ -4,10 +4,10 @@
 its gradient and the nearest-anchor update. CPU, fp32 features (the selection scores in float64 on both sides).
 Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_mada_family.py -m upstream
 
-The stage-2 / step-2 training iteration is compared piece by piece (the anchor loss with its gradient and the
-anchor update below, the pseudo-label = argmax): upstream's `CustomModel` builds a DeepLabV3+ ResNet-101, its
-optimisers and datasets from a YAML config inside `__init__` and `step_active_stage2` reads a dozen of those
-attributes; driving it is left to a later pass (see mada/README.md, "Parity with the official code").
+One MADA stage-2 iteration is driven through upstream's own CustomModel (built by its __init__ from a minimal
+config; the DeepLab builder returns a prepared network, load_PredNet a no-op) and step_active_stage2, against our
+train_stage2.main (test_mada_stage2_training_iteration). MADAv2's step 2 (teacher, class-aware CutMix, OHEM,
+consistency) is another trainer (train_stage2_semi.py) and is not compared as an iteration here.
 """
 import runpy
 import types
@@ -280,3 +280,178 @@ def test_anchor_loss_gradient_and_update():
     H.compare("pseudo-label (argmax)", logits.argmax(1), pl[:, 0],
               official="MADA models/adaptation_model.py:step_active_stage2 (target_outputs_argmax)")
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2: one full training iteration, upstream's CustomModel.step_active_stage2 driven
+# ------------------------------------------------------------------------------------------------
+class _UpstreamHeads(torch.nn.Module):
+    """Upstream's DeepLab returns (feat, feat_low, feat_cls, output); this gives our network that interface
+    (feat_cls = the 256-ch decoder feature before the classifier, output = the logits at 1/4)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        o = self.net(x, return_feat=True)
+        return None, None, o["feat"], o["out"]
+
+
+def _stage2_batch(seed, hw=(64, 64)):
+    """Source and active: 2 distinct images with labels (a few pixels ignored: 255 ours, 250 upstream); target:
+    one image twice (see the test's docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *hw, generator=g)
+    y = torch.randint(0, C, (2, *hw), generator=g)
+    y[:, :4] = 255
+    xa = torch.randn(2, 3, *hw, generator=g)
+    ya = torch.randint(0, C, (2, *hw), generator=g)
+    ya[:, :, :3] = 255
+    xt = torch.randn(1, 3, *hw, generator=g).expand(2, -1, -1, -1).clone()
+    return x, y, xa, ya, xt
+
+
+def _upstream_label(y):
+    return torch.where(y == 255, torch.full_like(y, 250), y)
+
+
+def _run_mada_stage2_upstream(monkeypatch, net, batch, anchors, lr, max_iter, seed):
+    """upstream train_active_stage2.py:train's per-iteration calls (scheduler_step, train, optimizer_zerograd,
+    step_active_stage2) on a CustomModel built from a minimal config: DeepLab -> the prepared network (PredNet: a
+    copy, unused by the step), its SGD / PolynomialLR / cross_entropy2d built by __init__ as released."""
+    import copy
+    x, y, xa, ya, xt = batch
+    cfg = {"model": {"default_gpu": 0, "bn": "bn", "basenet": {"version": "resnet101"}, "init": {},
+                     "pretrained": False},
+           "training": {"valid_classes": list(range(C)), "cls_feature_weight": 0.7, "resume_flag": False,
+                        "Pred_resume": "/nonexistent", "loss_L2_cls": True, "loss_pseudo_label": True,
+                        "loss_source_seg": True,
+                        "optimizer": {"name": "SGD", "lr": lr, "weight_decay": 2.0e-4, "momentum": 0.9},
+                        "loss": {"name": "cross_entropy", "size_average": True},
+                        "lr_schedule": {"name": "poly_lr", "gamma": 0.9, "max_iter": max_iter}}}
+    init = H.clone_state(net)
+    built = iter([_UpstreamHeads(copy.deepcopy(net)), _UpstreamHeads(net)])   # PredNet first, then BaseNet
+    with H.upstream("MADA"), monkeypatch.context() as m:
+        am = __import__("models.adaptation_model", fromlist=["CustomModel"])
+        m.setattr(am, "DeepLab", lambda **k: next(built))
+        # PredNet's stage-1 checkpoint (the step never uses PredNet; BaseNet gets the prepared weights below)
+        m.setattr(am.CustomModel, "load_PredNet", lambda self, *a, **k: None)
+        rec = H.record_steps(m, watch=[net])
+        model = am.CustomModel(cfg, None, H._Anything())
+        H.load_strict(model.BaseNet.net, init)     # setup()'s init_weights re-initialised it: the prepared weights
+        model.centroids = anchors.copy()
+        losses, mse = [], []
+        real_fn, real_mse = model.loss_fn, model.calculate_min_mse
+        model.loss_fn = lambda **k: losses.append(real_fn(**k)) or losses[-1]
+        model.calculate_min_mse = lambda v: mse.append(real_mse(v)) or mse[-1]
+        model.iter = 1
+        model.scheduler_step()
+        model.train()
+        model.optimizer_zerograd()
+        torch.manual_seed(seed)                   # the same dropout masks on both sides
+        out = model.step_active_stage2(x, _upstream_label(y), xt, None, xa, _upstream_label(ya))
+    return rec, model, losses, mse, out
+
+
+def _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr, max_iter, seed):
+    """mada/train_stage2.py:main for one iteration (--stop-iter 1) with its checkpoint, datasets and loaders
+    replaced by the prepared network and the same batch; evaluation a no-op."""
+    from mada import train_stage2 as T
+    x, y, xa, ya, xt = batch
+    args = T.parse_args(["--out", str(tmp_path / "ours"), "--iters", str(max_iter), "--stop-iter", "1", "--lr",
+                         str(lr), "--batch-size", "2", "--amp", "off", "--device", "cpu", "--workers", "0",
+                         "--seed", str(seed), "--eval-every", "1000", "--save-every", "1000"])
+    mcfg = {"model": "deeplabv3plus", "backbone": "resnet18", "num_classes": C, "norm": "imagenet"}
+    streams = iter([[{"image": x, "label": y}], [{"image": xa, "label": ya}], [{"image": xt}]])
+    arr = anchors.copy()
+    losses, anchor_out = [], []
+    with monkeypatch.context() as m:
+        m.setattr(T.rt, "check_inputs", lambda *a, **k: None)     # no checkpoint/dataset files: all replaced
+        m.setattr(T, "segmenter_from_checkpoint", lambda *a, **k: (net, mcfg))
+        m.setattr(T, "resolve_domain", lambda name, root, role: ("gta5" if role == "source" else "cityscapes",
+                                                                   "real", "/nonexistent"))
+        m.setattr(T, "train_set", lambda *a, **k: None)
+        m.setattr(T, "infinite_loader", lambda *a, **k: iter(next(streams)))
+        m.setattr(T, "evaluate", lambda *a, **k: {"mIoU": 0.0})
+        m.setattr(T, "format_table", lambda res: "")
+        m.setattr(T.core, "read_selection", lambda *a: ["img"])
+        m.setattr(T.core, "eval_set_at", lambda *a, **k: None)
+        m.setattr(T.core, "subset_by_names", lambda *a, **k: None)
+        m.setattr(T.core, "load_anchors", lambda *a, **k: (arr, np.ones((K, C), bool)))
+        real_ce, real_bal = T.cross_entropy, T.core.batch_anchor_loss
+        m.setattr(T, "cross_entropy", lambda *a, **k: losses.append(real_ce(*a, **k)) or losses[-1])
+        m.setattr(T.core, "batch_anchor_loss", lambda *a, **k: anchor_out.append(real_bal(*a, **k)) or anchor_out[-1])
+        rec = H.record_steps(m, watch=[net])
+        T.main(args)
+    return rec, arr, losses, anchor_out
+
+
+def test_mada_stage2_training_iteration(tmp_path, monkeypatch):
+    """One MADA stage-2 iteration: upstream models/adaptation_model.py:CustomModel.step_active_stage2 (with
+    train_active_stage2.py:train's scheduler_step / train / optimizer_zerograd before it), the CustomModel built by
+    its own __init__ from a minimal config (DeepLab builder -> the prepared network; SGD, PolynomialLR and
+    cross_entropy2d as released), vs our mada/train_stage2.py:main for --stop-iter 1 on the same batch, weights and
+    target anchors. The network on both sides is OUR DeepLabV3+ (ResNet-18, 256-ch decoder, random weights and BN
+    statistics) behind upstream's 4-tuple interface: this compares the training step (losses, pseudo-labels, anchor
+    branch, backward, SGD), not the networks. BN in training mode (freeze_bn False); the dropout layers at p = 0
+    on both sides (two twin images draw different masks and stop being twins; the global RNG is still seeded alike
+    before each side's iteration). Compared: the active / source / pseudo-label CE, the soft anchor
+    loss, each SGD group's lr, every weight and BN statistic after the step, every momentum buffer, the anchors.
+
+    Two things are shown, not hidden: (1) the target batch is one image twice, because BN in training mode needs 2
+    samples for the ASPP pooling branch and with 2 *different* images upstream merges their vectors into one
+    [19, 256] matrix (listed deviation 11); with twins, upstream's merged matrix equals each image's vector, but it
+    updates the nearest anchor once where ours updates it once per image (deviation 11): ours is checked against
+    upstream's EMA applied twice. (2) upstream steps its PolynomialLR *before* the first optimizer step, so
+    iteration i (from 0) runs at poly(i + 1) where ours runs at poly(i) (deviation 21): recorded, and our base lr is
+    set to upstream's first-step lr so that everything else is compared."""
+    H.repo("MADA")
+    from common.models import DeepLabV3Plus
+    lr, max_iter, seed = 1e-2, 100, 5
+    batch = _stage2_batch(31)
+    anchors = _anchors(32, 0.3)
+    net_t = H.randomize(DeepLabV3Plus(C, "resnet18"), 33)
+    init = H.clone_state(net_t)
+    net = H.load_strict(DeepLabV3Plus(C, "resnet18"), init)
+    for m in (*net_t.modules(), *net.modules()):   # twins must stay twins: no dropout (see the docstring)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    rec_t, model_t, losses_t, mse_t, out_t = _run_mada_stage2_upstream(monkeypatch, net_t, batch, anchors, lr,
+                                                                     max_iter, seed)
+    lr_t = rec_t[0].lrs[0][0]
+    H.record("poly lr of the first step: ours poly(0) vs upstream poly(1)", abs(lr - lr_t), abs(lr - lr_t) / lr_t,
+             False, official="MADA train_active_stage2.py:train (scheduler_step before step_active_stage2)",
+             note=f"lr {lr} max_iter {max_iter}: upstream {lr_t:.6e} = lr (1 - 1/{max_iter})^0.9; listed deviation 21")
+    rec, arr, losses, anchor_out = _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr_t,
+                                                         max_iter, seed)
+    off = "MADA models/adaptation_model.py:CustomModel.step_active_stage2"
+    what = "MADA stage-2 iteration"
+    assert len(rec) == 1 and len(rec_t) == 1 and len(rec[0].steps) == 1 and len(rec_t[0].steps) == 1
+    H.compare(f"{what}: SGD group learning rates", torch.tensor(rec[0].lrs[0]), torch.tensor(rec_t[0].lrs[0] * 2),
+              official="MADA models/adaptation_model.py:CustomModel.__init__ (SGD, PolynomialLR)")
+    assert len(losses) == 3 and len(losses_t) == 3 and len(mse_t) == 2 and len(anchor_out) == 1
+    for name, a, b in zip(("active CE", "source CE", "pseudo-label CE (own argmax, 1/4 resolution)"), losses, losses_t):
+        H.compare(f"{what}: {name}", a.detach(), b.detach(), official=off)
+    H.compare(f"{what}: soft anchor loss", anchor_out[0][0].detach(), mse_t[1][0].detach().reshape(()),
+              official="MADA models/adaptation_model.py:CustomModel.calculate_min_mse")
+    H.compare(f"{what}: 0.7 x anchor loss as returned", torch.tensor(0.7 * float(anchor_out[0][0])),
+              torch.tensor(out_t[1]), official=off)
+    after_t = {k[len("net."):]: v for k, v in H.clone_state(model_t.BaseNet).items()}
+    moved = max(float((after_t[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in init.items()
+                if v.is_floating_point())
+    assert moved > 1e-3, f"the step hardly moved the weights ({moved:.1e} rel): the comparison would prove nothing"
+    H.compare_states(f"{what}: weights and BN statistics after the step", rec[0].steps[0].modules[0],
+                     rec_t[0].steps[0].modules[0], official=off)
+    buf_t = H.state_by_name(rec_t[0].steps[0].state, net_t)
+    buf = H.state_by_name(rec[0].steps[0].state, net)
+    H.compare_states(f"{what}: SGD momentum buffers", buf, buf_t, official=off)
+    k_t = mse_t[1][1]
+    H.compare(f"{what}: nearest anchor", anchor_out[0][3].argmin(1), torch.tensor([k_t, k_t]))
+    a0, a_t = torch.from_numpy(anchors), torch.from_numpy(model_t.centroids)
+    H.compare(f"{what}: anchors after the step (upstream's EMA applied per image: twice)", torch.from_numpy(arr),
+              1.999 * a_t - 0.999 * a0, official="MADA models/adaptation_model.py:step_active_stage2 (centroid EMA)")
+    diff = float((torch.from_numpy(arr) - a_t).abs().max())
+    H.record(f"{what}: anchors vs upstream's single update (twin target images)", diff,
+             diff / float(a_t.abs().max()), False, official=off,
+             note="listed deviation 11: one EMA per image (ours) vs one per batch (upstream)")
