@@ -7,7 +7,8 @@ confidence-weighted consistency loss and the entropy filter of the unlabelled ps
   CutMix            box = bounding box of a random connected region (>= 0.5% of the image) of class c
                     in the sampled image's teacher prediction; x_mix = x_a (1 - M) + x_b M (and logits)
   consistency       L = sum_p w_p CE_p / sum_p w_p,  w_p = conf_p^gamma * s_p  (gamma = 2),
-                    s_p ~ Bernoulli(q_{pred(p)}),  q = ((1 - r) / max(1 - r))^gamma2  (AEL's sampling)
+                    s_p = [u_p < q_{pred(p)}],  q = ((1 - r) / max(1 - r))^gamma2  (AEL's sampling),
+                    u ~ U(0, 1) one H x W map shared by the batch's images (as upstream)
   entropy filter    the `percent` % highest-entropy teacher pixels are ignored (U2PL), percent = 20 (1 - e/E),
                     e = the epoch, E = the epochs (per epoch, as upstream)
 """
@@ -90,17 +91,22 @@ def category_confidence(logits, label, num_classes):
     return out
 
 
-def weighted_consistency(logits, target, conf, class_conf, gamma=2.0, gamma2=1.0, generator=None):
+def weighted_consistency(logits, target, conf, class_conf, gamma=2.0, gamma2=1.0, generator=None, norm="valid"):
     """AEL/MADAv2 consistency: per-pixel CE to the teacher's label, weighted by the teacher's confidence
     to the power gamma and by a Bernoulli draw that keeps pixels of less-confident classes more often;
-    weights normalised to sum 1 over the labelled (non-ignored) pixels."""
+    weights normalised to sum 1 over the labelled (non-ignored) pixels (norm 'valid'), or over every pixel,
+    ignored ones included (norm 'all': upstream, deviation 8). As upstream (loss/loss.py:Criterion_cons), one
+    uniform map of H x W is drawn and shared by the images of the batch."""
     ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")
     w = conf.float() ** gamma
     q = 1 - class_conf.float()
     q = (q / (q.max() + 1e-12)) ** gamma2
     pred = logits.detach().argmax(1)
-    keep = torch.rand(pred.shape, device=pred.device, generator=generator) < q[pred]
-    w = w * keep * (target != IGNORE)  # ignored pixels take no weight (upstream let them dilute the mean)
+    u = torch.rand(pred.shape[-2:], device=pred.device, generator=generator)  # one map for the whole batch
+    keep = u < q[pred]
+    w = w * keep
+    if norm == "valid":
+        w = w * (target != IGNORE)  # ignored pixels take no weight (upstream let them dilute the mean)
     return (w * ce).sum() / (w.sum() + 1e-12)
 
 

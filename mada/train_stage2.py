@@ -75,6 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
                    "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
+    g.add_argument("--released-sched-order", action="store_true", help="iteration i at poly(i + 1), as upstream, "
+                   "which steps its PolynomialLR before the optimiser (deviation 21); default poly(i)")
     args = p.parse_args(argv)
     cli.fill_defaults(args, TOY, PAPER)
     cli.default_num_classes(args)
@@ -144,7 +146,8 @@ def main(args):
     # ---- training loop ---------------------------------------------------------------------------
     t0 = time.time()
     for it in range(start, args.stop_iter):
-        lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it, args.iters))
+        # upstream steps its scheduler before the optimiser: iteration i at poly(i + 1) (deviation 21, flag)
+        lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it + 1 if args.released_sched_order else it, args.iters))
         batch, a_batch, t_batch = next(batches), next(a_batches), next(t_batches)
         x, y = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
         xa, ya = rt.to_device(a_batch["image"], device, amp), a_batch["label"].to(device)

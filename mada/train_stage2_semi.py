@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    "(2975 // 4 = 743): the unit of the entropy-filter decay")
     g.add_argument("--entropy-filter", default="high", choices=["high", "low"], help="high: drop the most "
                    "uncertain pixels (U2PL's intent); low: drop the most certain ones (upstream MADAv2)")
+    g.add_argument("--cons-norm", default="valid", choices=["valid", "all"], help="consistency weights normalised "
+                   "over the non-ignored pixels (valid) or over every pixel, ignored ones included (all: upstream, "
+                   "deviation 8)")
     g.add_argument("--class-momentum", type=float, default=0.999, help="momentum of the class confidence")
     g.add_argument("--area-thresh", type=float, default=0.005, help="CutMix: smallest class region (fraction)")
     g.add_argument("--area-thresh2", type=float, default=0.01, help="bank: class share for an image to hold it")
@@ -96,6 +99,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-size", type=cli.hw, default=None, help="H,W of the target evaluation input (paper preset: "
                    "Cityscapes' full 1024x2048, as upstream; toy: the shared protocol of common)")
     g.add_argument("--random-mirror", type=int, default=1, choices=[0, 1], help="random horizontal flip")
+    g.add_argument("--released-sched-order", action="store_true", help="iteration i at poly(i + 1), as upstream, "
+                   "which steps its PolynomialLR before the optimiser (deviation 21); default poly(i)")
     args = p.parse_args(argv)
     cli.fill_defaults(args, TOY, PAPER)
     cli.default_num_classes(args)
@@ -166,7 +171,8 @@ def main(args):
     # ---- training loop ---------------------------------------------------------------------------
     t0 = time.time()
     for it in range(start, args.stop_iter):
-        lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it, args.iters))
+        # upstream steps its scheduler before the optimiser: iteration i at poly(i + 1) (deviation 21, flag)
+        lr = rt.set_lr(optimizer, rt.poly_lr(args.lr, it + 1 if args.released_sched_order else it, args.iters))
         a_batch, t_batch = next(a_batches), next(t_batches)
         xa, ya = rt.to_device(a_batch["image"], device, amp), a_batch["label"].to(device)
         rng = np.random.default_rng([args.seed, rank, it])  # this iteration's draws (exact resume)
@@ -198,12 +204,20 @@ def main(args):
             s_sup = F.interpolate(ddp(xa)["out"], size=(h, w), mode="bilinear", align_corners=True)
         s_sup = s_sup.float()
         loss_sup = ohem_cross_entropy(s_sup, ya, args.ohem_thresh, args.ohem_min_kept)
-        loss_cons_sup = semi.weighted_consistency(s_sup, lab_sup, conf_sup, class_conf, args.gamma, generator=gen)
+        # class confidence r_c: momentum update from the student on the labelled images, used by this iteration's
+        # consistency terms (upstream's order; upstream then lost the update in a local variable: kept here)
+        cc = semi.category_confidence(s_sup.detach(), ya, nc)
+        if world > 1:
+            torch.distributed.all_reduce(cc)
+            cc /= world
+        class_conf.mul_(args.class_momentum).add_((1 - args.class_momentum) * cc)
+        loss_cons_sup = semi.weighted_consistency(s_sup, lab_sup, conf_sup, class_conf, args.gamma, generator=gen,
+                                                  norm=args.cons_norm)
         scaler.scale(loss_sup + args.lambda_cons * loss_cons_sup).backward()
         with rt.autocast(device, amp):
             s_mix = F.interpolate(ddp(x_mix)["out"], size=x_mix.shape[-2:], mode="bilinear", align_corners=True)
         loss_cons_uns = semi.weighted_consistency(s_mix.float(), lab_mix, conf_mix, class_conf, args.gamma,
-                                                  generator=gen)
+                                                  generator=gen, norm=args.cons_norm)
         scaler.scale(args.lambda_cons * loss_cons_uns).backward()
         loss_anchor = torch.zeros((), device=device)
         if it >= args.anchor_start:  # MADA anchor loss on the weak unlabelled images, after the warm-up epochs
@@ -215,13 +229,6 @@ def main(args):
             if world > 1:  # every rank applies every rank's update, in rank order: anchors stay identical
                 vec, present, d = (torch.cat(gather(t)) for t in (vec, present, d))
             core.update_nearest_anchor(anchors, vec, present, d, args.anchor_momentum, args.absent)
-        # class confidence r_c: momentum update from the student on the labelled images (upstream computed
-        # it into a local variable and lost it; here it is kept)
-        cc = semi.category_confidence(s_sup.detach(), ya, nc)
-        if world > 1:
-            torch.distributed.all_reduce(cc)
-            cc /= world
-        class_conf.mul_(args.class_momentum).add_((1 - args.class_momentum) * cc)
         if world > 1:  # keep the bank identical on every rank
             torch.distributed.all_reduce(bank, op=torch.distributed.ReduceOp.MAX)
         loss = (loss_sup + args.lambda_cons * (loss_cons_sup + loss_cons_uns) + args.lambda_anchor * loss_anchor).detach()

@@ -6,9 +6,14 @@ Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_mada_family.py -
 
 One MADA stage-2 iteration is driven through upstream's own CustomModel (built by its __init__ from a minimal
 config; the DeepLab builder returns a prepared network, load_PredNet a no-op) and step_active_stage2, against our
-train_stage2.main (test_mada_stage2_training_iteration). MADAv2's step 2 (teacher, class-aware CutMix, OHEM,
-consistency) is another trainer (train_stage2_semi.py) and is not compared as an iteration here.
+train_stage2.main (test_mada_stage2_training_iteration; [released]: with --released-sched-order, the lr exactly).
+One MADAv2 step-2 iteration is driven the same way through upstream's CustomModel of adaptation_model_AEL.py and
+step_active_stage2 (teacher, bank draw, class-aware CutMix, OHEM, entropy filter, class-rate-sampled consistency,
+anchor loss, SGD), against our train_stage2_semi.main resumed from the same state
+(test_madav2_step2_training_iteration).
 """
+import copy
+import random
 import runpy
 import types
 
@@ -354,14 +359,14 @@ def _run_mada_stage2_upstream(monkeypatch, net, batch, anchors, lr, max_iter, se
     return rec, model, losses, mse, out
 
 
-def _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr, max_iter, seed):
+def _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr, max_iter, seed, flags=()):
     """mada/train_stage2.py:main for one iteration (--stop-iter 1) with its checkpoint, datasets and loaders
     replaced by the prepared network and the same batch; evaluation a no-op."""
     from mada import train_stage2 as T
     x, y, xa, ya, xt = batch
     args = T.parse_args(["--out", str(tmp_path / "ours"), "--iters", str(max_iter), "--stop-iter", "1", "--lr",
                          str(lr), "--batch-size", "2", "--amp", "off", "--device", "cpu", "--workers", "0",
-                         "--seed", str(seed), "--eval-every", "1000", "--save-every", "1000"])
+                         "--seed", str(seed), "--eval-every", "1000", "--save-every", "1000", *flags])
     mcfg = {"model": "deeplabv3plus", "backbone": "resnet18", "num_classes": C, "norm": "imagenet"}
     streams = iter([[{"image": x, "label": y}], [{"image": xa, "label": ya}], [{"image": xt}]])
     arr = anchors.copy()
@@ -387,7 +392,8 @@ def _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr, max_it
     return rec, arr, losses, anchor_out
 
 
-def test_mada_stage2_training_iteration(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sched", ["ours", "released"])
+def test_mada_stage2_training_iteration(tmp_path, monkeypatch, sched):
     """One MADA stage-2 iteration: upstream models/adaptation_model.py:CustomModel.step_active_stage2 (with
     train_active_stage2.py:train's scheduler_step / train / optimizer_zerograd before it), the CustomModel built by
     its own __init__ from a minimal config (DeepLab builder -> the prepared network; SGD, PolynomialLR and
@@ -404,8 +410,10 @@ def test_mada_stage2_training_iteration(tmp_path, monkeypatch):
     [19, 256] matrix (listed deviation 11); with twins, upstream's merged matrix equals each image's vector, but it
     updates the nearest anchor once where ours updates it once per image (deviation 11): ours is checked against
     upstream's EMA applied twice. (2) upstream steps its PolynomialLR *before* the first optimizer step, so
-    iteration i (from 0) runs at poly(i + 1) where ours runs at poly(i) (deviation 21): recorded, and our base lr is
-    set to upstream's first-step lr so that everything else is compared."""
+    iteration i (from 0) runs at poly(i + 1) where ours runs at poly(i) (deviation 21): with sched "ours" (our
+    default) that is recorded and our base lr set to upstream's first-step lr so that everything else is compared;
+    with sched "released" ours runs with --released-sched-order from the same base lr, and the first step's lr is
+    upstream's EXACTLY."""
     H.repo("MADA")
     from common.models import DeepLabV3Plus
     lr, max_iter, seed = 1e-2, 100, 5
@@ -420,15 +428,23 @@ def test_mada_stage2_training_iteration(tmp_path, monkeypatch):
     rec_t, model_t, losses_t, mse_t, out_t = _run_mada_stage2_upstream(monkeypatch, net_t, batch, anchors, lr,
                                                                      max_iter, seed)
     lr_t = rec_t[0].lrs[0][0]
-    H.record("poly lr of the first step: ours poly(0) vs upstream poly(1)", abs(lr - lr_t), abs(lr - lr_t) / lr_t,
-             False, official="MADA train_active_stage2.py:train (scheduler_step before step_active_stage2)",
-             note=f"lr {lr} max_iter {max_iter}: upstream {lr_t:.6e} = lr (1 - 1/{max_iter})^0.9; listed deviation 21")
-    rec, arr, losses, anchor_out = _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr_t,
-                                                         max_iter, seed)
+    if sched == "ours":
+        H.record("poly lr of the first step: ours poly(0) vs upstream poly(1)", abs(lr - lr_t), abs(lr - lr_t) / lr_t,
+                 False, official="MADA train_active_stage2.py:train (scheduler_step before step_active_stage2)",
+                 note=f"lr {lr} max_iter {max_iter}: upstream {lr_t:.6e} = lr (1 - 1/{max_iter})^0.9; listed deviation 21")
+        rec, arr, losses, anchor_out = _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr_t,
+                                                             max_iter, seed)
+    else:
+        rec, arr, losses, anchor_out = _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr,
+                                                             max_iter, seed, ["--released-sched-order"])
+        # ours: two groups (backbone, heads at 1x); upstream: one
+        assert rec[0].lrs[0] == rec_t[0].lrs[0] * 2, f"lr ours {rec[0].lrs[0]} vs upstream {rec_t[0].lrs[0]}"
     off = "MADA models/adaptation_model.py:CustomModel.step_active_stage2"
     what = "MADA stage-2 iteration"
     assert len(rec) == 1 and len(rec_t) == 1 and len(rec[0].steps) == 1 and len(rec_t[0].steps) == 1
-    H.compare(f"{what}: SGD group learning rates", torch.tensor(rec[0].lrs[0]), torch.tensor(rec_t[0].lrs[0] * 2),
+    exactly = " (--released-sched-order: exactly)" if sched == "released" else ""
+    H.compare(f"{what}: SGD group learning rates{exactly}", torch.tensor(rec[0].lrs[0]),
+              torch.tensor(rec_t[0].lrs[0] * 2),
               official="MADA models/adaptation_model.py:CustomModel.__init__ (SGD, PolynomialLR)")
     assert len(losses) == 3 and len(losses_t) == 3 and len(mse_t) == 2 and len(anchor_out) == 1
     for name, a, b in zip(("active CE", "source CE", "pseudo-label CE (own argmax, 1/4 resolution)"), losses, losses_t):
@@ -455,3 +471,438 @@ def test_mada_stage2_training_iteration(tmp_path, monkeypatch):
     H.record(f"{what}: anchors vs upstream's single update (twin target images)", diff,
              diff / float(a_t.abs().max()), False, official=off,
              note="listed deviation 11: one EMA per image (ours) vs one per batch (upstream)")
+
+
+# ------------------------------------------------------------------------------------------------
+# MADAv2 step 2: one semi-supervised training iteration, upstream's CustomModel.step_active_stage2 driven
+# ------------------------------------------------------------------------------------------------
+class _FrozenTeacher(_UpstreamHeads):
+    """The teacher (upstream PredNet) behind upstream's interface, kept in eval mode: upstream's train() calls
+    (step2_train_active_semi_sup.py:train before the loop, step_active_stage2 before its strong-image forward)
+    leave it in eval (listed deviation 6: frozen teacher; the released train-mode forward is recorded apart)."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+class _DrawsRng:
+    """Stands in for our numpy Generator inside one semi.* call: integers() answers `index`, choice() answers
+    `choice` (recording the probabilities it was given), uniform() the next of `uniforms`."""
+
+    def __init__(self, index=0, choice=None, uniforms=()):
+        self.index, self.choice_value, self.uniforms, self.seen = index, choice, list(uniforms), {}
+
+    def integers(self, n):
+        self.seen["integers"] = n
+        return self.index
+
+    def choice(self, n, p=None):
+        self.seen["p"] = np.asarray(p).copy()
+        return self.choice_value
+
+    def uniform(self, *a, **k):
+        return self.uniforms.pop(0)
+
+
+class _TargetSet:
+    """Our target train set in place: len() and [(index, seed)] -> {"image"} (the bank-sampled second image)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return {"image": self.images[i].clone(), "index": i}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _calls(m, owner, attr):
+    """Wrap owner.attr; the returned list collects (args, return value) of every call."""
+    real, seen = getattr(owner, attr), []
+
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        seen.append((a, out))
+        return out
+
+    m.setattr(owner, attr, wrapper)
+    return seen
+
+
+def _inputs_of(net):
+    """A forward pre-hook on net; the returned list collects each forward's input batch."""
+    seen = []
+    net.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().clone()))
+    return seen
+
+
+def _fixed_rand(u, shape, real):
+    """torch.rand in place: the (H, W) map `u` for calls of that shape (the consistency sampling), else real."""
+    calls = []
+
+    def rand(*size, **kw):
+        size = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if size == tuple(shape):
+            calls.append(size)
+            return u.clone()
+        return real(*size, **kw)
+
+    return rand, calls
+
+
+SEMI = dict(lr=2.0 ** -7, max_iter=1000, epoch_iters=2, epochs=200, min_kept=3000, n_target=8, id1=3, id2=6,
+            uniforms=(0.37, 0.81, 0.23), seed=5)
+
+
+def _semi_case(case):
+    """Inputs of one step: labelled batch (2 distinct images, 3 ignored columns), the unlabelled pair (distinct,
+    or twins for the anchor branch), 8 target images, anchors, the class confidence r and the CutMix bank before
+    the step, the (H, W) uniform map of the consistency sampling (multiples of 1/1024: exact as 1 - u too)."""
+    g = torch.Generator().manual_seed(41 if case == "region" else 42)
+    hw = (64, 64)
+    xa = torch.randn(2, 3, *hw, generator=g)
+    ya = torch.randint(0, C, (2, *hw), generator=g)
+    ya[:, :, :3] = 255
+    images = [torch.randn(3, *hw, generator=g) for _ in range(SEMI["n_target"])]
+    if case == "fallback":                                   # twins: see the test's docstring
+        images[SEMI["id2"]] = images[SEMI["id1"]].clone()
+    anchors = _anchors(43, 0.3)
+    r = 0.8 * torch.rand(C, generator=g)
+    bank = (torch.rand(C, SEMI["n_target"], generator=g) < 0.4).float()
+    u = torch.randint(0, 1024, hw, generator=g).float() / 1024
+    return xa, ya, images, anchors, r, bank, u
+
+
+def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_state):
+    """train()'s per-iteration part (sample_from_bank with its two draws fixed to ours, the pair, scheduler_step,
+    train, optimizer_zerograd) and step_active_stage2 on a CustomModel built by its own __init__ (minimal config
+    of configs/active_from_gta_to_city_stage2.yml's keys; DeepLab -> teacher, then student behind upstream's
+    4-tuple; the student's optim_parameters = upstream's DeepLab.optim_parameters run on our modules)."""
+    from common import runtime as rt
+    xa, ya, images, anchors, r, bank, u = inputs
+    lr, s = SEMI["lr"], 2 * epoch                            # iterations done before this one (resume)
+    cfg = {"model": {"default_gpu": 0, "bn": "bn", "basenet": {"version": "resnet101"}, "init": {},
+                     "pretrained": False},
+           "data": {"n_class": C},
+           "training": {"valid_classes": list(range(C)), "cls_feature_weight": 0.1, "resume_flag": False,
+                        "Pred_resume": "/nonexistent", "epoches": SEMI["epochs"],
+                        "optimizer": {"name": "SGD", "lr": lr, "weight_decay": 2.0e-4, "momentum": 0.9},
+                        "lr_schedule": {"name": "poly_lr", "gamma": 0.9, "max_iter": SEMI["max_iter"]}},
+           "U2PL": {"contrastive": {"num_queries": 256, "low_entropy_threshold": 20}},
+           "AEL": {"acp": {"momentum": 0.999, "number": 3},
+                   "acm": {"number": 3, "area_thresh": 0.005, "area_thresh2": 0.01, "no_pad": True, "no_slim": True},
+                   "criterion": {"cons": {"sample": True, "gamma": 2}, "type": "ohem",
+                                 "kwargs": {"thresh": 0.7, "min_kept": SEMI["min_kept"]}}}}
+    init = H.clone_state(student)
+    got = types.SimpleNamespace()
+    with H.upstream("MADAv2"), monkeypatch.context() as m:
+        am = __import__("models.adaptation_model_AEL", fromlist=["CustomModel"])
+        real_deeplab = __import__("models.deeplab", fromlist=["DeepLab"]).DeepLab
+        uu = __import__("utils.utils", fromlist=["sample_from_bank"])
+
+        class Student(_UpstreamHeads):
+            def optim_parameters(self, lr):                   # upstream's grouping, on our modules
+                mods = types.SimpleNamespace(backbone=self.net.backbone, aspp=self.net.aspp)
+                mods.get_1x_lr_params = types.MethodType(real_deeplab.get_1x_lr_params, mods)
+                mods.get_10x_lr_params = types.MethodType(real_deeplab.get_10x_lr_params, mods)
+                return real_deeplab.optim_parameters(mods, lr)
+
+        built = iter([_FrozenTeacher(teacher), Student(student)])    # PredNet first, then BaseNet
+        m.setattr(am, "DeepLab", lambda **k: next(built))
+        m.setattr(am.CustomModel, "load_PredNet", lambda self, *a, **k: None)   # stage-1 file: the prepared teacher
+        rec = H.record_steps(m, watch=[student])
+        model = am.CustomModel(cfg, None, H._Anything())
+        H.load_strict(model.BaseNet.net, init)               # setup()'s init_weights re-initialised it
+        model.centroids = anchors.copy()
+        model.class_criterion = r.expand(3, C).clone()       # ours' state (upstream: torch.rand, deviation 4)
+        model.cutmix_bank[:, :bank.shape[1]] = bank
+        got.criterion_init = model.class_criterion.clone()
+        # train(): the bank draw, its np.random.choice / random.choice answered with our choices
+        got.p, got.holders = [], []
+        m.setattr(uu.np.random, "choice", lambda a, p=None: got.p.append(np.asarray(p)) or cat)
+        m.setattr(uu.random, "choice", lambda seq: got.holders.append(seq.flatten().tolist()) or
+                  next(v for v in seq if int(v) == SEMI["id2"]))
+        sample_id, sample_cat = uu.sample_from_bank(model.cutmix_bank, model.class_criterion[0])
+        pair = torch.stack([images[SEMI["id1"]], images[sample_id.item()]])
+        # the CutMix box draws: random.shuffle of the regions (identity: ours takes the first), init_cutmix's
+        # np.random.uniform (ours' three uniforms)
+        uni = iter([np.full((1, 1), SEMI["uniforms"][0]), np.array([[SEMI["uniforms"][1:]]])])
+        m.setattr(random, "shuffle", lambda v: None)
+        m.setattr(np.random, "uniform", lambda low=0.0, high=1.0, size=None:
+                  np.full(size, low) if low == high else next(uni))
+        rand, got.rand_calls = _fixed_rand(1 - u, u.shape, torch.rand)
+        m.setattr(torch, "rand", rand)
+        got.mask = H.spy(m, am, "generate_cutmix_mask")
+        got.mixed = H.spy(m, am, "generate_unsup_data")
+        got.cat_conf = H.spy(m, am, "cal_category_confidence")
+        got.inputs = _inputs_of(student)
+        got.sup, got.cons, got.mse = [], [], []
+        real_sup, real_cons, real_mse = model.criterion, model.criterion_cons, model.calculate_min_mse
+        model.criterion = lambda *a: got.sup.append(real_sup(*a)) or got.sup[-1]
+        model.criterion_cons = lambda *a: got.cons.append((a, real_cons(*a))) or got.cons[-1][1]
+        model.calculate_min_mse = lambda v: got.mse.append(real_mse(v)) or got.mse[-1]
+        model.iter = s + 1
+        model.BaseSchedule.last_epoch = s                    # resumed after s iterations
+        model.scheduler_step()
+        model.train()
+        model.optimizer_zerograd()
+        percent = 20 * (1 - epoch / SEMI["epochs"])          # train(): low_entropy_threshold x (1 - epoch / epoches)
+        rt.set_rng_state(rng_state)                          # the same dropout masks as ours
+        got.out = model.step_active_stage2(epoch, pair.clone(), xa, ya, sample_cat, torch.tensor(SEMI["id1"]),
+                                           sample_id, percent)
+    got.model, got.sample = model, (int(sample_id), int(sample_cat))
+    return rec, got
+
+
+def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, box_index):
+    """mada/train_stage2_semi.py:main resumed after 2 x epoch iterations (a checkpoint written here: the same
+    weights, anchors, r and bank) and stopped right after its first optimiser step; data and evaluation
+    replaced, the draws of sample_from_bank / class_box answered as upstream's, torch.rand's map fixed."""
+    from common import runtime as rt
+    from mada import train_stage2_semi as T
+    xa, ya, images, anchors, r, bank, u = inputs
+    out = tmp_path / "ours"
+    out.mkdir()
+    mcfg = {"model": "deeplabv3plus", "backbone": "resnet18", "num_classes": C, "norm": "imagenet"}
+    opt = core.param_groups_sgd(student, SEMI["lr"], 0.9, 2e-4, 10.0)
+    rt.save_checkpoint(out / "checkpoint.pth", model=H.clone_state(student), optimizer=opt.state_dict(),
+                       scaler={}, iter=2 * epoch, rng=[rng_state], best={"mIoU": -1.0}, config=mcfg,
+                       labeled=["img"], anchors=torch.from_numpy(anchors.copy()), bank=bank.clone(),
+                       class_conf=r.clone())
+    args = T.parse_args(["--out", str(out), "--resume", "--iters", str(SEMI["max_iter"]),
+                         "--stop-iter", str(SEMI["epochs"] * SEMI["epoch_iters"]),
+                         "--epoch-iters", str(SEMI["epoch_iters"]), "--anchor-start", str(51 * SEMI["epoch_iters"]),
+                         "--lr", str(SEMI["lr"]), "--batch-size", "2", "--ohem-min-kept", str(SEMI["min_kept"]),
+                         "--entropy-filter", "low", "--cons-norm", "all", "--released-sched-order",
+                         "--amp", "off", "--device", "cpu", "--workers", "0", "--seed", str(SEMI["seed"]),
+                         "--eval-every", "100000", "--save-every", "100000"])
+    arr = anchors.copy()
+    nets = iter([(student, mcfg), (teacher, mcfg)])
+    streams = iter([[{"image": xa, "label": ya}],
+                    [{"image": images[SEMI["id1"]][None], "index": torch.tensor([SEMI["id1"]])}]])
+    got = types.SimpleNamespace(ohem=[], cons=[], anchor=[])
+    holders = torch.nonzero(bank[cat]).flatten().tolist()
+    bank_rng = _DrawsRng(index=holders.index(SEMI["id2"]) if SEMI["id2"] in holders else 0, choice=cat)
+    box_rng = _DrawsRng(index=box_index, uniforms=SEMI["uniforms"])
+    with monkeypatch.context() as m:
+        m.setattr(T.rt, "check_inputs", lambda *a, **k: None)     # no checkpoint/dataset files: all replaced
+        m.setattr(T, "segmenter_from_checkpoint", lambda *a, **k: next(nets))
+        m.setattr(T, "resolve_domain", lambda name, root, role: ("cityscapes", "real", "/nonexistent"))
+        m.setattr(T, "train_set", lambda *a, **k: _TargetSet(images))
+        m.setattr(T, "infinite_loader", lambda *a, **k: iter(next(streams)))
+        m.setattr(T, "evaluate", lambda *a, **k: {"mIoU": 0.0})
+        m.setattr(T.core, "read_selection", lambda *a: ["img"])
+        m.setattr(T.core, "eval_set_at", lambda *a, **k: None)
+        m.setattr(T.core, "subset_by_names", lambda *a, **k: None)
+        m.setattr(T.core, "load_anchors", lambda *a, **k: (arr, np.ones((K, C), bool)))
+        real = types.SimpleNamespace(ohem=T.ohem_cross_entropy, cons=T.semi.weighted_consistency,
+                                     bal=T.core.batch_anchor_loss, sfb=T.semi.sample_from_bank,
+                                     box=T.semi.class_box)
+        m.setattr(T, "ohem_cross_entropy", lambda *a: got.ohem.append(real.ohem(*a)) or got.ohem[-1])
+        m.setattr(T.semi, "weighted_consistency",
+                  lambda *a, **k: got.cons.append((a, k, real.cons(*a, **k))) or got.cons[-1][2])
+        m.setattr(T.core, "batch_anchor_loss", lambda *a, **k: got.anchor.append(real.bal(*a, **k)) or got.anchor[-1])
+        m.setattr(T.semi, "sample_from_bank", lambda b, c, rng: real.sfb(b, c, bank_rng))
+        got.boxes = []
+        m.setattr(T.semi, "class_box", lambda *a: got.boxes.append(real.box(*a[:3], box_rng)) or got.boxes[-1])
+        got.filtered = _calls(m, T.semi, "entropy_filter")
+        got.cat_conf = H.spy(m, T.semi, "category_confidence")
+        got.banks = H.spy(m, T.semi, "update_bank")
+        got.inputs = _inputs_of(student)
+        rand, got.rand_calls = _fixed_rand(u, u.shape, torch.rand)
+        m.setattr(torch, "rand", rand)
+
+        def stop(rec, k):
+            raise _Stop
+
+        rec = H.record_steps(m, watch=[student], after=stop)
+        with pytest.raises(_Stop):
+            T.main(args)
+    got.anchors, got.bank_rng = arr, bank_rng
+    return rec, got
+
+
+@pytest.mark.parametrize("case", ["region", "fallback"])
+def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
+    """One MADAv2 step-2 iteration: upstream step2_train_active_semi_sup.py:train's per-iteration part (utils/utils.py
+    sample_from_bank, the unlabelled pair, scheduler_step / train / optimizer_zerograd) and
+    models/adaptation_model_AEL.py:CustomModel.step_active_stage2 (teacher forwards, class-aware CutMix with
+    generate_cutmix_mask / update_cutmix_bank / generate_unsup_data, OHEM, U2PL entropy filter, cal_category_confidence,
+    Criterion_cons with class-rate sampling, the anchor loss after epoch 50, one SGD step), the CustomModel built by its
+    own __init__ (criterion, criterion_cons, SGD, PolynomialLR, bank, class_criterion as released), against our
+    mada/train_stage2_semi.py:main resumed from a checkpoint of the same state (weights, anchors, class confidence r,
+    bank; after 2 x epoch iterations of 2-iteration epochs out of 200) and stopped right after its first optimiser
+    step. Network: OUR DeepLabV3+ (ResNet-18, random weights and BN statistics) as student and teacher behind
+    upstream's 4-tuple interface; the student's SGD groups are upstream's own DeepLab.optim_parameters run on our
+    modules. Ours runs with the released flags --entropy-filter low (deviation 5), --cons-norm all (deviation 8),
+    --released-sched-order (deviation 21: the lr is then EXACTLY upstream's).
+
+    Random draws, fixed identically on both sides by monkeypatching the draw functions: the bank's class and image
+    (upstream np.random.choice / random.choice and our rng.choice / rng.integers answer the test's class and image,
+    the probabilities both were given are compared); the CutMix region (upstream random.shuffle = identity, ours'
+    rng.integers = 0: both take the first qualifying region in label order) and the fallback box (upstream
+    init_cutmix's np.random.uniform and our rng.uniform answer the same three numbers); the consistency sampling map
+    (upstream's torch.rand(h, w) answers 1 - u, ours' u; both keep p where u < q); dropout: the same global RNG state
+    before each side's step. The query categories (AEL's ACP) are not drawn: the active dataset is built without acp
+    so dynamic_copy_paste is never reached (listed deviation 7).
+    Cases: "region" = the sampled class is the teacher's most frequent on the bank image (a real CutMix of two
+    different images), epoch 50 (anchor loss off: upstream `epoch > 50`, ours --anchor-start 102); "fallback" = a
+    class the teacher does not predict (init_cutmix's random box; square images: deviation 9's H x H is H x W),
+    epoch 51 (anchor loss on), the pair two copies of one image and the student's dropout at p = 0 (upstream merges
+    the pair's objective vectors into one matrix, deviation 11; with twins that matrix is each image's, as in
+    test_mada_stage2_training_iteration; ours updates the nearest anchor once per image: checked against upstream's
+    EMA applied twice).
+
+    Shown, not hidden (recorded): the teacher stays in eval mode here (upstream's train() calls are inert on it; the
+    released train-mode forward of the labelled images is recorded against eval: deviation 6); upstream's r starts
+    as ours (zeros in ours, torch.rand upstream: deviation 4) and upstream leaves its stored r unchanged after the
+    step (deviation 3: recorded against ours' updated r); upstream's optimiser leaves the decoder, low-level
+    projection and classifier out (deviation 2: recorded, every parameter in its groups compared); the defaults of
+    deviations 5 and 8 recorded against upstream's released values."""
+    H.repo("MADAv2")
+    from common import runtime as rt
+    from common.models import DeepLabV3Plus
+    from mada import semi
+    inputs = _semi_case(case)
+    xa, ya, images, anchors, r, bank, u = inputs
+    student_t = H.randomize(DeepLabV3Plus(C, "resnet18"), 44)
+    init = H.clone_state(student_t)
+    student = H.load_strict(DeepLabV3Plus(C, "resnet18"), init)
+    teacher, teacher_t = (H.load_strict(DeepLabV3Plus(C, "resnet18"), init).eval() for _ in range(2))
+    if case == "fallback":                     # twins stay twins: no dropout in the student
+        for mod in (*student_t.modules(), *student.modules()):
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    pair = torch.stack([images[SEMI["id1"]], images[SEMI["id2"]]])
+    with torch.no_grad():
+        pred2 = F.interpolate(teacher(pair)["out"], size=pair.shape[-2:], mode="bilinear",
+                              align_corners=True).argmax(1)[1]
+    counts = torch.bincount(pred2.flatten(), minlength=C)
+    if case == "region":                       # a class whose first region's box covers 10-70% of the image
+        def box_share(c):
+            y0, x0, y1, x1 = semi.class_box(pred2.numpy(), c, 0.005, _DrawsRng(uniforms=(0.0,) * 3))
+            return (y1 - y0) * (x1 - x0) / pred2.numel() if counts[c] > 0.005 * pred2.numel() else 0.0
+        cat = next(c for c in counts.argsort(descending=True).tolist() if 0.1 < box_share(c) < 0.7)
+    else:
+        cat = int((counts == 0).nonzero()[0])
+    bank[cat, SEMI["id2"]] = 1                 # the bank image holds the class (for the fallback: a stale entry)
+    rt.seed_everything(SEMI["seed"])
+    rng_state = rt.rng_state()
+    epoch = 50 if case == "region" else 51
+    rec_t, t = _run_semi_upstream(monkeypatch, student_t, teacher_t, inputs, cat, epoch, rng_state)
+    rec, o = _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, 0)
+
+    what = f"MADAv2 step-2 iteration ({case})"
+    off = "MADAv2 models/adaptation_model_AEL.py:CustomModel.step_active_stage2"
+    assert len(rec) == 1 and len(rec_t) == 1 and len(rec[0].steps) == 1 and len(rec_t[0].steps) == 1
+    # -- the draws and the inputs of the step
+    assert t.sample == (SEMI["id2"], cat) and o.bank_rng.seen["integers"] == len(t.holders[0])
+    assert t.holders[0] == torch.nonzero(bank[cat]).flatten().tolist()
+    H.compare(f"{what}: bank class probabilities softmax(1 - r)", torch.from_numpy(o.bank_rng.seen["p"]),
+              torch.from_numpy(t.p[0]).double(), official="MADAv2 utils/utils.py:sample_from_bank")
+    assert len(o.rand_calls) == 2 and len(t.rand_calls) == 2 * C      # one map per term; upstream one per class
+    lrs, lrs_t = rec[0].lrs[0], rec_t[0].lrs[0]
+    H.compare(f"{what}: SGD group learning rates (--released-sched-order: exactly)", torch.tensor(lrs),
+              torch.tensor(lrs_t), official="MADAv2 schedulers/schedulers.py:PolynomialLR after scheduler_step")
+    assert lrs == lrs_t, f"lr ours {lrs} vs upstream {lrs_t}"
+    mask = semi.box_mask(o.boxes[0], *pair.shape[-2:], "cpu").long()
+    H.compare(f"{what}: CutMix mask ({'class region' if case == 'region' else 'fallback box'})", mask, t.mask[0],
+              official="MADAv2 models/utils.py:generate_cutmix_mask")
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert len(o.inputs) == len(t.inputs) == (2 if case == "region" else 3)
+    for name, a, b in zip(("labelled images", "mixed images", "unlabelled pair (anchor loss)"), o.inputs, t.inputs):
+        H.compare(f"{what}: student input, {name}", a, b, official=off)
+    H.compare(f"{what}: mixed teacher logits", o.filtered[0][0][0], t.mixed[0][1],
+              official="MADAv2 models/utils.py:generate_unsup_data")
+    # -- the losses and the pseudo-labels
+    assert len(o.ohem) == len(t.sup) == 1 and len(o.cons) == len(t.cons) == 2
+    H.compare(f"{what}: OHEM CE on the labelled images", o.ohem[0].detach(), t.sup[0].detach(),
+              official="MADAv2 loss/loss.py:OhemCrossEntropy2dTensor")
+    for k, name in enumerate(("labelled", "mixed")):
+        (a, kw, loss), (b, loss_t) = o.cons[k], t.cons[k]
+        H.compare(f"{what}: consistency loss, {name} images", loss.detach(), loss_t.detach(),
+                  official="MADAv2 loss/loss.py:Criterion_cons (sample: True)")
+        H.compare(f"{what}: teacher pseudo-label, {name} images", a[1], b[2], official=off)
+        H.compare(f"{what}: teacher confidence, {name} images", a[2], b[1], official=off)
+        H.compare(f"{what}: class confidence r used, {name} images", a[3], b[3], official=off)
+    lab_mix, lab_mix_t = o.cons[1][0][1], t.cons[1][0][2]
+    H.compare(f"{what}: entropy-filtered pixels (mixed images)", lab_mix == 255, lab_mix_t == 255,
+              official=off + " (np.percentile, `entropy < thresh`)")
+    assert 0 < int((lab_mix_t == 255).sum()) < lab_mix_t.numel()
+    H.compare(f"{what}: category confidence of the student (labelled)", o.cat_conf[0], t.cat_conf[0],
+              official="MADAv2 models/utils.py:cal_category_confidence")
+    # -- the anchor branch
+    if case == "region":
+        assert not o.anchor and not t.mse and t.out[3] == 0
+    else:
+        assert len(o.anchor) == 1 and len(t.mse) == 1
+        H.compare(f"{what}: soft anchor loss", o.anchor[0][0].detach(), t.mse[0][0].detach().reshape(()),
+                  official="MADAv2 models/adaptation_model_AEL.py:CustomModel.calculate_min_mse")
+        H.compare(f"{what}: anchor loss as returned", o.anchor[0][0].detach(), torch.tensor(t.out[3]), official=off)
+        k_t = t.mse[0][1]
+        H.compare(f"{what}: nearest anchor", o.anchor[0][3].argmin(1), torch.tensor([k_t, k_t]))
+        a0, a_t = torch.from_numpy(anchors), torch.from_numpy(t.model.centroids)
+        H.compare(f"{what}: anchors after the step (upstream's EMA applied per image: twice)",
+                  torch.from_numpy(o.anchors), 1.999 * a_t - 0.999 * a0, official=off + " (centroid EMA)")
+        diff = float((torch.from_numpy(o.anchors) - a_t).abs().max())
+        H.record(f"{what}: anchors vs upstream's single update (twin images)", diff, diff / float(a_t.abs().max()),
+                 False, official=off, note="listed deviation 11: one EMA per image (ours) vs one per batch")
+    # -- the state after the step: bank, r
+    H.compare(f"{what}: CutMix bank after the step", o.banks[0].long(), t.model.cutmix_bank[:, :bank.shape[1]].long(),
+              official="MADAv2 models/utils.py:update_cutmix_bank")
+    assert not t.model.cutmix_bank[:, bank.shape[1]:].any()
+    assert not torch.equal(o.banks[0], bank) or case == "fallback"
+    r_after = o.cons[0][0][3]
+    H.compare(f"{what}: class confidence r after the step (upstream's local update)", r_after,
+              0.999 * r + 0.001 * t.cat_conf[0], official=off + " (class_criterion momentum update)")
+    assert torch.equal(t.model.class_criterion, t.criterion_init), "upstream keeps its stored r (deviation 3)"
+    d3 = float((r_after - r).abs().max())
+    H.record(f"{what}: stored r, ours updated vs upstream unchanged", d3, d3 / float(r.abs().max()), False,
+             official=off, note="listed deviation 3: upstream assigns the update to a local variable")
+    # -- the SGD step: every weight and BN statistic, every momentum buffer
+    in_groups = {id(p) for g in rec_t[0].optimizer.param_groups for p in g["params"]}
+    left_out = [n for n, p in student_t.named_parameters() if id(p) not in in_groups]
+    assert left_out and all(not n.startswith(("backbone.", "aspp.")) for n in left_out)
+    after, after_t = rec[0].steps[0].modules[0], rec_t[0].steps[0].modules[0]
+    moved = max(float((after_t[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in init.items()
+                if v.is_floating_point())
+    assert moved > 1e-3, f"the step hardly moved the weights ({moved:.1e} rel): the comparison would prove nothing"
+    keep = [k for k in after_t if k not in left_out]
+    H.compare_states(f"{what}: weights in upstream's groups and every BN statistic after the step",
+                     {k: after[k] for k in keep}, {k: after_t[k] for k in keep}, official=off)
+    buf_t = H.state_by_name(rec_t[0].steps[0].state, student_t)
+    H.compare_states(f"{what}: SGD momentum buffers (upstream's groups)", H.state_by_name(rec[0].steps[0].state, student),
+                     buf_t, official=off)
+    assert all(torch.equal(after_t[k], init[k]) for k in left_out)
+    d2 = max(float((after[k] - init[k]).abs().max() / init[k].abs().max()) for k in left_out)
+    H.record(f"{what}: decoder / low-level projection / classifier ({len(left_out)} tensors) trained by ours only",
+             d2, d2, False, official="MADAv2 models/deeplab.py:DeepLab.optim_parameters",
+             note="listed deviation 2: upstream's groups are backbone 1x and ASPP 10x; max relative move of ours")
+    # -- the defaults of deviations 5 and 8, and the released teacher mode (deviation 6), against upstream's values
+    t_mix, percent = o.filtered[0][0][:2]
+    lab_high, _ = semi.entropy_filter(t_mix, percent, "high")
+    n5 = int((lab_high != lab_mix_t).sum())
+    H.record(f"{what}: default --entropy-filter high vs upstream's inverted filter", n5, 0.0, True,
+             official=off + " (`entropy < thresh` -> 255)", note="listed deviation 5", n=lab_mix_t.numel())
+    (a, _, loss_all) = o.cons[1]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "rand", _fixed_rand(u, u.shape, torch.rand)[0])
+        loss_valid = semi.weighted_consistency(*a, norm="valid")
+    d8 = abs(float(loss_valid) - float(t.cons[1][1]))
+    H.record(f"{what}: default --cons-norm valid vs upstream's normalisation over ignored pixels too", d8,
+             d8 / abs(float(t.cons[1][1])), False, official="MADAv2 loss/loss.py:Criterion_cons",
+             note="listed deviation 8: the mixed-image consistency loss")
+    released = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        rt.set_rng_state(rng_state)
+        lg_train, lg_eval = released(xa)["out"], teacher(xa)["out"]
+    d6 = float((lg_train - lg_eval).abs().max())
+    H.record(f"{what}: teacher logits on the labelled images, released train mode vs frozen eval", d6,
+             d6 / float(lg_eval.abs().max()), False, official=off + " (PredNet.train() in train / the step)",
+             note="listed deviation 6: batch statistics and dropout in upstream's teacher")
