@@ -48,7 +48,8 @@ def iou_class_weights(iou, upper=2.0):
 
 def weighted_ohem_ce(logits, label, thresh=0.7, min_kept=200000, weight=None):
     """OHEM CE: pixels with p(true class) <= max(thresh, p of the min_kept-th hardest) are kept; the
-    loss is the weighted mean over kept pixels: sum w_y * CE / sum w_y."""
+    loss is the weighted mean over kept pixels: sum w_y * CE / sum w_y. As upstream's ProbOhemCrossEntropy2d,
+    no mining (every valid pixel kept) when min_kept exceeds the valid pixels or when min_kept is 0."""
     logits = logits.float()
     valid = label != IGNORE
     if not valid.any():
@@ -58,8 +59,8 @@ def weighted_ohem_ce(logits, label, thresh=0.7, min_kept=200000, weight=None):
         prob = torch.where(valid, prob, torch.ones_like(prob))
         n_valid = int(valid.sum())
         keep = valid
-        if min_kept <= n_valid:  # upstream: fewer valid pixels than min_kept -> no mining
-            kth = prob.flatten().kthvalue(max(int(min_kept), 1)).values
+        if 0 < min_kept <= n_valid:  # upstream: fewer valid pixels than min_kept, or min_kept 0 -> no mining
+            kth = prob.flatten().kthvalue(int(min_kept)).values
             keep = valid & (prob <= max(thresh, float(kth)))
     target = torch.where(keep, label, torch.full_like(label, IGNORE))
     return F.cross_entropy(logits, target, weight=None if weight is None else weight.to(logits.device).float(),

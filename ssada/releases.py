@@ -32,11 +32,11 @@ model: such a file is refused, naming the keys. A file of a model built without 
 `head_aux32` then keep their initial weights, and the load says so (they serve the training loss only; the
 evaluation reads `head_out`). One of them half there is an error, as any other missing key.
 
-Not keys but differences of the forward that a converter cannot remove (said here so that nobody expects equal
-logits where they are not): SS-ADA's heads upsample their logits inside the model (nn.Upsample x8 /
-x16, bilinear, align_corners=False, model/semseg/bisenetv1.py:67-68), ours return them at the head's resolution and
-the evaluation upsamples with align_corners=True (TUFL's choice, unsup/model.py:266). At the heads' resolution an
-SS-ADA file gives SS-ADA's logits.
+Not keys but a difference of the forward: SS-ADA's heads upsample their logits inside the model (nn.Upsample x8 /
+x16, bilinear, align_corners=False, model/semseg/bisenetv1.py:69-70), ours return them at the head's resolution and
+the caller upsamples: ssada/test.py (--align-corners auto) and train_ssada.py (--align-corners 0) with
+align_corners=False for an SS-ADA BiSeNet, as SS-ADA; TUFL's heads use True (unsup/model.py:266), and so does the
+evaluation of a TUFL file. At the heads' resolution an SS-ADA file gives SS-ADA's logits.
 
 The number of classes comes from the main classifier's shape. The load is strict: every key of the file must map
 to a key of the model and every key of the model must be filled, with the same shapes, or the error names the

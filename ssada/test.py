@@ -2,7 +2,8 @@ r"""Evaluate SS-ADA / TUFL checkpoints (BiSeNetV1, or any segda segmenter) on th
 for CrossCity), the per-class IoU table, colour-coded predictions. Two modes, as upstream's
 evaluate_single_gpu: 'whole' (the image at the evaluation size in one pass) and 'sliding' (windows of
 --crop-size H,W with stride 2/3 of the window, softmax probabilities summed; the last window of a row or
-column is moved back inside the image, so any crop shape works, also one larger than the image).
+column is moved back inside the image, so any crop shape works, also one larger than the image). The logits are
+upsampled as the model's upstream does (--align-corners auto: False for an SS-ADA BiSeNet, True for TUFL's and others).
 
     L = nothing (evaluation only)
 
@@ -66,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--save-label-ids", default=None, metavar="DIR", help="write EVERY prediction to DIR (new or "
                    "empty) as a single-channel PNG of Cityscapes label ids at the label's resolution, "
                    "CITY_SEQ_FRAME_pred_labelIds.png: what cityscapesscripts and the benchmark server read")
+    p.add_argument("--align-corners", default="auto", choices=["auto", "0", "1"],
+                   help="bilinear upsampling of the logits: 0 as SS-ADA's heads, 1 as TUFL's; auto: 0 for an SS-ADA "
+                   "BiSeNet (variant 'ssada'), 1 for a TUFL BiSeNet and every other model (the house convention)")
     p.add_argument("--amp", default="auto", choices=rt.AMP_CHOICES)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
@@ -88,11 +92,46 @@ def windows(size, win, stride):
     return sorted(set(starts))
 
 
+def upsample(logits, hw, align_corners):
+    """Bilinear upsampling of head logits to hw: SS-ADA's heads use align_corners=False (nn.Upsample x8 / x16,
+    model/semseg/bisenetv1.py:69-70), TUFL's True (unsup/model.py:263-272)."""
+    return F.interpolate(logits.float(), size=hw, mode="bilinear", align_corners=align_corners)
+
+
 @torch.no_grad()
-def sliding_logits(model, x, crop_hw, num_classes, amp=None, stride_rate=2 / 3):
+def predict(model, x, out_hw, amp=None, align_corners=True):
+    """Main-head logits upsampled to out_hw (one bilinear step, align_corners as the method's upstream)."""
+    with rt.autocast(x.device, amp):
+        out = model(x)["out"]
+    return upsample(out, out_hw, align_corners)
+
+
+class AtInputSize(torch.nn.Module):
+    """`net` whose main head is upsampled to the input size inside the forward (bilinear, align_corners=False), as
+    SS-ADA's BiSeNetOutput does: common.evaluate's own upsampling to the label size is then the identity when the
+    label has the image's size (upstream evaluates at full resolution); only an image resized for the evaluation
+    (the toy preset) is upsampled a second time, to the label (align_corners=True, common.evaluate)."""
+
+    def __init__(self, net, align_corners=False):
+        super().__init__()
+        self.net, self.align_corners = net, align_corners
+
+    def forward(self, x):
+        return {"out": upsample(self.net(x)["out"], x.shape[-2:], self.align_corners)}
+
+
+def whole_model(model, align_corners):
+    """What common.evaluate is given: the model itself (its heads upsampled there with align_corners=True), or
+    wrapped in AtInputSize for align_corners=False."""
+    return model if align_corners else AtInputSize(rt.unwrap(model), False)
+
+
+@torch.no_grad()
+def sliding_logits(model, x, crop_hw, num_classes, amp=None, stride_rate=2 / 3, align_corners=True):
     """Sum of softmax probabilities of the main head over sliding windows, stride `stride_rate` of the
     window (SS-ADA int(grid * 2/3); TUFL ceil(crop * 5/6)), divided by the number of windows covering
-    each pixel. Returns (B, C, H, W) probabilities."""
+    each pixel; each window's logits upsampled to the window with `align_corners` (SS-ADA False, TUFL True).
+    Returns (B, C, H, W) probabilities."""
     b, _, h, w = x.shape
     ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
     total = torch.zeros(b, num_classes, h, w, device=x.device)
@@ -102,15 +141,14 @@ def sliding_logits(model, x, crop_hw, num_classes, amp=None, stride_rate=2 / 3):
         for c in windows(w, cw, max(1, step(cw))):
             with rt.autocast(x.device, amp):
                 out = model(x[:, :, r:r + ch, c:c + cw])["out"]
-            total[:, :, r:r + ch, c:c + cw] += F.interpolate(out.float(), size=(ch, cw), mode="bilinear",
-                                                             align_corners=True).softmax(1)
+            total[:, :, r:r + ch, c:c + cw] += upsample(out, (ch, cw), align_corners).softmax(1)
             count[:, :, r:r + ch, c:c + cw] += 1
     return total / count
 
 
 @torch.no_grad()
 def evaluate_sliding(model, dataset, num_classes, crop_hw, device, amp=None, save_dir=None, n_save=8,
-                     rank=0, world_size=1, workers=2, stride_rate=2 / 3, label_id_dir=None):
+                     rank=0, world_size=1, workers=2, stride_rate=2 / 3, label_id_dir=None, align_corners=True):
     was = model.training
     model.eval()
     conf = ConfusionMatrix(num_classes, device)
@@ -118,8 +156,8 @@ def evaluate_sliding(model, dataset, num_classes, crop_hw, device, amp=None, sav
     for batch in eval_loader(dataset, 1, workers, rank, world_size):
         x = rt.to_device(batch["image"], device, amp)
         y = batch["label"].to(device)
-        prob = sliding_logits(model, x, crop_hw, num_classes, amp, stride_rate)
-        pred = F.interpolate(prob, size=y.shape[-2:], mode="bilinear", align_corners=True).argmax(1)
+        prob = sliding_logits(model, x, crop_hw, num_classes, amp, stride_rate, align_corners)
+        pred = upsample(prob, y.shape[-2:], align_corners).argmax(1)  # the identity at full resolution
         conf.update(pred, y)
         outs.add(batch, pred, y)  # colour PNGs, grid.png, label-id PNGs (common.evaluate)
     outs.close()
@@ -134,6 +172,8 @@ def main(args):
     if rank == 0:
         print(f"[test] {args.checkpoint}: format {fmt}", flush=True)
     model = model.to(device, memory_format=rt.memory_format(amp)).eval()
+    ac = (cfg.get("model") != "bisenetv1" or cfg.get("variant", "ssada") != "ssada") \
+        if args.align_corners == "auto" else args.align_corners == "1"
     tgt, kind, root = resolve_domain(args.target, args.target_root, "target")
     split = args.split or DOMAINS[tgt][2]
     size = args.eval_size or DOMAINS[tgt][4]  # images resized to it ('full': not resized); labels kept at full resolution
@@ -149,13 +189,14 @@ def main(args):
     t0 = time.time()
     save = out / "predictions" if args.save_predictions else None
     if args.mode == "whole":
-        res = evaluate(model, data, cfg["num_classes"], device, amp, save_dir=save, n_save=args.save_predictions,
+        res = evaluate(whole_model(model, ac), data, cfg["num_classes"], device, amp, save_dir=save,
+                       n_save=args.save_predictions,
                        rank=rank, world_size=world, workers=args.workers, label_id_dir=args.save_label_ids)
     else:
         res = evaluate_sliding(model, data, cfg["num_classes"], crop, device, amp, save, args.save_predictions,
-                               rank, world, args.workers, args.stride_rate, args.save_label_ids)
+                               rank, world, args.workers, args.stride_rate, args.save_label_ids, ac)
     report = {"checkpoint": str(args.checkpoint), "target": tgt, "split": split, "mode": args.mode,
-              "crop_size": list(crop) if args.mode == "sliding" else None, "last": res, "mIoU": res["mIoU"],
+              "crop_size": list(crop) if args.mode == "sliding" else None, "align_corners": ac, "last": res, "mIoU": res["mIoU"],
               "images": len(data), "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         rt.save_json(out / "final.json", report)

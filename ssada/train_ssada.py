@@ -15,6 +15,8 @@ Budgets and strategies (the benchmark's rows), oracle (100% target labels), sour
     python ssada/train_ssada.py --total-ratio 0.25 --strategy random --out runs/ssada/random25
     python ssada/train_ssada.py --init-ratio 1 --total-ratio 1 --out runs/ssada/oracle
     python ssada/train_ssada.py --source-only --out runs/ssada/source
+One joint training pass over all views instead of upstream's two (BN statistics over the joint batch; faster):
+    python ssada/train_ssada.py --forward joint
 GTA5 -> Cityscapes, BiSeNetV1-R18 (ImageNet weights), 200 epochs, rounds at 20/40/60 (25% of the images):
     python ssada/train_ssada.py --source gta5 --source-root /data/GTA5 --target cityscapes \
         --target-root /data/cityscapes --init /weights/resnet18-f37072fd.pth --total-ratio 0.25
@@ -30,21 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python folder/s
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from common import cli, labels as L, pictures as P, runtime as rt
 from common.bisenet import make_bisenet
 from common.datasets import (CITY_GROUPS, DOMAINS, build_dataset, eval_batches, infinite_loader,
                              resolve_domain, train_set)
-from common.evaluate import evaluate, predict_logits
+from common.evaluate import evaluate
 from common.metrics import ConfusionMatrix, format_table
 from common.transforms import Compose, RandomHFlip, Resize
 from ssada.active import (STRATEGIES, batch_image_scores, budget_plan, class_pixel_counts, epoch_plan, select,
                           write_round)
 from ssada.data import LongSideScaleCrop, Pool, UnlabeledViews, split_partner
 from ssada.losses import confidence_mask, iou_class_weights, unlabeled_ce, warmup_poly_lr, weighted_ohem_ce
-from ssada.test import evaluate_sliding
+from ssada.test import evaluate_sliding, predict, upsample, whole_model
 
 # Defaults. PAPER: configs/*_acda_bisenetv1_single.yaml (SGD 0.05, momentum 0.9, wd 1e-4, heads 10x,
 # 1000-iter linear warm-up + poly 0.9, batch 4, 200 epochs, rounds at epochs 20/40/60, init 1% of the
@@ -93,6 +94,13 @@ def parse_args(argv=None):
     g.add_argument("--eval-mode", default=None, choices=["sliding", "whole"],
                    help="validation: sliding windows of --eval-crop, stride 2/3 (upstream on Cityscapes), or whole image")
     g.add_argument("--eval-crop", type=cli.hw, default=None, help="sliding-window size H,W (default: --crop-size)")
+    g.add_argument("--align-corners", type=int, default=0, choices=[0, 1],
+                   help="bilinear upsampling of the logits (losses, pseudo labels, acquisition, validation): 0 as "
+                   "SS-ADA's heads (nn.Upsample, align_corners=False), 1 the house convention before issue 27")
+    g.add_argument("--forward", default="two", choices=["two", "joint"],
+                   help="two: upstream's two training passes (source + labeled + weak with the feature perturbation, "
+                   "then the two strong views; one backward of the sum); joint: one pass over all views (BN "
+                   "statistics over the joint batch; the default before issue 27)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--log-every", type=int, default=20, help="log line every N iterations")
@@ -117,10 +125,6 @@ def make_optimizer(model, lr, momentum, weight_decay):
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def up(x, hw):
-    return F.interpolate(x.float(), size=hw, mode="bilinear", align_corners=True)
-
-
 @torch.no_grad()
 def active_round(model, pool_ds, labeled, k, strategy, args, device, amp, rng):
     """One SS-ADA round: (1) class IoU of the model on the labeled images, (2) scores of every unlabeled
@@ -130,15 +134,16 @@ def active_round(model, pool_ds, labeled, k, strategy, args, device, amp, rng):
     model.eval()
     conf = ConfusionMatrix(args.num_classes, device)
     loader = lambda ids: eval_batches(torch.utils.data.Subset(pool_ds, ids), args.workers)
+    ac = bool(args.align_corners)
     for item in loader(labeled):
         y = item["label"].to(device)
-        conf.update(predict_logits(model, rt.to_device(item["image"], device, amp), y.shape[-2:], amp).argmax(1), y)
+        conf.update(predict(model, rt.to_device(item["image"], device, amp), y.shape[-2:], amp, ac).argmax(1), y)
     m = conf.mat.double().cpu()
     tp = m.diag()
     class_iou = (tp / (m.sum(0) + m.sum(1) - tp + 1e-10)).float()  # absent classes -> 0 (upstream)
     scores = {}  # every criterion is logged, whichever one selects
     for item in loader(sorted(set(range(len(pool_ds))) - set(labeled))):
-        logits = predict_logits(model, rt.to_device(item["image"], device, amp), item["label"].shape[-2:], amp)
+        logits = predict(model, rt.to_device(item["image"], device, amp), item["label"].shape[-2:], amp, ac)
         scores.update(zip(item["index"].tolist(), batch_image_scores(logits, class_iou)))
     model.train()
     return select(scores, k, strategy, rng), class_iou, scores, conf.summary()
@@ -230,6 +235,7 @@ def main(args):
     lab_batches, unl_batches = (None, None) if args.source_only else target_loaders(start)
 
     # ---- training loop ---------------------------------------------------------------------------
+    up = lambda logits, hw: upsample(logits, hw, bool(args.align_corners))  # SS-ADA: align_corners=False
     t0 = time.time()
     for it in range(start, args.stop_iter):
         # -- method: active round (class IoU on labeled images, acquisition, new pools and weights) --
@@ -296,9 +302,16 @@ def main(args):
                 s2 = torch.where(box2[:, None], m["s2"], u["s2"])
                 imgs += [u["image"], s1, s2]
             n = [t.shape[0] for t in imgs]
-            with rt.autocast(device, amp):
-                pred = ddp(rt.to_device(torch.cat(imgs), device, amp), need_fp=unl_batches is not None)
-            parts = {h: up(pred[h], hw).split(n) for h in pred}
+            if args.forward == "two" and unl_batches is not None:  # upstream: weak view pass, then strong views
+                with rt.autocast(device, amp):
+                    pred = ddp(rt.to_device(torch.cat(imgs[:-2]), device, amp), need_fp=True)
+                    strong = ddp(rt.to_device(torch.cat(imgs[-2:]), device, amp))["out"]
+                parts = {h: up(pred[h], hw).split(n[:-2]) for h in pred}
+                parts["out"] += up(strong, hw).split(n[-2:])
+            else:
+                with rt.autocast(device, amp):
+                    pred = ddp(rt.to_device(torch.cat(imgs), device, amp), need_fp=unl_batches is not None)
+                parts = {h: up(pred[h], hw).split(n) for h in pred}
             if lab_batches is None:  # keep the chunk positions: an empty labeled chunk
                 parts = {h: (v[0], v[0][:0]) + v[1:] for h, v in parts.items()}
                 yl = y[:0]
@@ -338,10 +351,11 @@ def main(args):
         if ((it + 1) % args.eval_every == 0 if args.eval_every else (it + 1) in epoch_ends) or last:
             state = rt.rng_state()  # evaluation must not move the training RNG (exact resume; its loader draws a seed)
             res = evaluate_sliding(rt.unwrap(model), val, args.num_classes, args.eval_crop or crop, device, amp,
-                                   out / "predictions" if last else None, 8, rank, world, args.workers) \
+                                   out / "predictions" if last else None, 8, rank, world, args.workers,
+                                   align_corners=bool(args.align_corners)) \
                 if args.eval_mode == "sliding" else \
-                evaluate(model, val, args.num_classes, device, amp, rank=rank, world_size=world,
-                           workers=args.workers, save_dir=out / "predictions" if last else None)
+                evaluate(whole_model(model, bool(args.align_corners)), val, args.num_classes, device, amp, rank=rank,
+                         world_size=world, workers=args.workers, save_dir=out / "predictions" if last else None)
             rt.set_rng_state(state)
             if res["mIoU"] > best["mIoU"]:
                 best = {"mIoU": res["mIoU"], "iter": it + 1}
@@ -385,7 +399,7 @@ def save_selected_pictures(model, pool_ds, ids, folder, device, amp, args):
         item = pool_ds[i]
         lab = item["label"].numpy()
         x = rt.to_device(item["image"][None], device, amp)
-        pred = predict_logits(model, x, lab.shape, amp).argmax(1)[0].cpu().numpy()
+        pred = predict(model, x, lab.shape, amp, bool(args.align_corners)).argmax(1)[0].cpu().numpy()
         img = np.asarray(Image.fromarray(denormalize(item["image"], "imagenet")).resize(lab.shape[::-1]))
         row = np.concatenate([img, L.colorize(lab, args.num_classes), L.colorize(pred, args.num_classes)], 1)
         Image.fromarray(row).save(folder / f"{Path(pool_ds.name(i)).stem}.png")

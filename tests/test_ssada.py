@@ -82,7 +82,7 @@ def _ohem_np(z, y, thresh, min_kept, w):
     py = np.take_along_axis(p, yc[:, None], 1)[:, 0]
     py = np.where(valid, py, 1.0)
     thr = 1.0  # upstream: fewer valid pixels than min_kept -> every valid pixel is kept
-    if min_kept <= valid.sum():
+    if 0 < min_kept <= valid.sum():  # min_kept 0: no mining either (ProbOhemCrossEntropy2d skips it)
         thr = max(thresh, np.sort(py.ravel())[min_kept - 1])
     keep = valid & (py <= thr)
     ce = -np.log(np.take_along_axis(p, yc[:, None], 1)[:, 0])
@@ -99,6 +99,23 @@ def test_weighted_ohem_matches_direct_evaluation(min_kept):
     w = np.array([1.0, 1.5, 2.0, 1.2])
     got = weighted_ohem_ce(torch.tensor(z), torch.tensor(y), 0.7, min_kept, torch.tensor(w, dtype=torch.float32))
     assert float(got) == pytest.approx(_ohem_np(z, y, 0.7, min_kept, w), rel=1e-5)
+
+
+def test_weighted_ohem_with_min_kept_zero_keeps_every_valid_pixel():
+    """ProbOhemCrossEntropy2d (util/ohem.py) only mines when min_kept > 0: with min_kept 0 it is the weighted CE
+    over every valid pixel, also those above the 0.7 threshold (here most of them)."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 4, 3, 5)) * 4
+    y = z.argmax(1)  # confident and right: p(true class) > 0.7 at most pixels
+    y[0, 0, :2] = 255
+    w = np.array([1.0, 1.5, 2.0, 1.2])
+    p_true = np.take_along_axis(softmax_np(z), np.where(y == 255, 0, y)[:, None], 1)[:, 0]
+    assert ((p_true > 0.7) & (y != 255)).sum() > 10
+    got = weighted_ohem_ce(torch.tensor(z), torch.tensor(y), 0.7, 0, torch.tensor(w, dtype=torch.float32))
+    ce = torch.nn.functional.cross_entropy(torch.tensor(z).float(), torch.tensor(y), torch.tensor(w).float(),
+                                           ignore_index=255)
+    assert float(got) == pytest.approx(float(ce), rel=1e-6)
+    assert float(got) == pytest.approx(_ohem_np(z, y, 0.7, 0, w), rel=1e-5)
 
 
 def test_unlabeled_ce_and_confidence_masks():
@@ -211,6 +228,26 @@ def test_bisenet_heads_and_feature_perturbation():
     assert cfg["model"] == "bisenetv1"
 
 
+def test_ssada_logits_are_upsampled_as_ssada_heads():
+    """SS-ADA's BiSeNetOutput upsamples with nn.Upsample(scale_factor=8, bilinear, align_corners=False)
+    (model/semseg/bisenetv1.py:69-70): train_ssada's default (--align-corners 0), ssada.test.predict and the
+    whole-image evaluation through AtInputSize give those logits; the house convention (True) does not."""
+    from common.evaluate import predict_logits
+    from ssada import train_ssada
+    from ssada.test import AtInputSize, predict, upsample, whole_model
+    torch.manual_seed(0)
+    model = BiSeNetV1(19, variant="ssada").eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = torch.nn.Upsample(scale_factor=8, mode="bilinear", align_corners=False)(model(x)["out"])
+        assert train_ssada.parse_args([]).align_corners == 0
+        assert torch.equal(upsample(model(x)["out"], (64, 96), False), ref)
+        assert torch.equal(predict(model, x, (64, 96), align_corners=False), ref)
+        assert torch.equal(predict_logits(whole_model(model, False), x, (64, 96)), ref)
+        assert whole_model(model, True) is model and isinstance(whole_model(model, False), AtInputSize)
+        assert (predict(model, x, (64, 96), align_corners=True) - ref).abs().max() > 1e-3
+
+
 def test_sliding_window_covers_any_crop_shape():
     assert windows(10, 4, 2) == [0, 2, 4, 6] and windows(10, 12, 8) == [0] and windows(9, 4, 2)[-1] == 5
 
@@ -312,6 +349,7 @@ def test_train_ssada_rounds_files_lr_and_test(tmp_path, tiny, ssada_run):
                    "--out", ev, "--workers", "0", "--save-predictions", "2")
         rep = json.loads((ev / "final.json").read_text())
         assert rep["split"] == "test" and rep["images"] == 4 and 0 <= rep["mIoU"] <= 100
+        assert rep["align_corners"] is False  # --align-corners auto: an SS-ADA BiSeNet upsamples as SS-ADA's heads
     m, cfg = bisenet_from_checkpoint(out / "model.pth")
     assert isinstance(m, BiSeNetV1) and cfg["num_classes"] == 19
 
@@ -332,6 +370,19 @@ def test_resume_mid_round_keeps_the_labeled_set(tmp_path, tiny, ssada_run):
     wb = torch.load(b / "model.pth", weights_only=True)["model"]
     for k in wa if EXACT else ():
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+
+
+def test_train_ssada_forward_joint_pass(tmp_path, tiny, ssada_run):
+    """--forward joint (one training pass over all views) runs, and its first loss differs from the default's
+    (upstream's two passes, which tests/upstream/test_ssada_tufl.py compares with the official iteration) on the
+    same data (BN batch statistics over other batches) while the terms stay in the same range."""
+    out = tmp_path / "joint"
+    run_script("ssada/train_ssada.py", *ssada_args(tiny), *BUDGET, "--forward", "joint", "--stop-iter", "1",
+               "--out", out)
+    two = next(r for r in _log(ssada_run[0]) if r.get("iter") == 0 and "loss" in r)
+    joint = next(r for r in _log(out) if r.get("iter") == 0 and "loss" in r)
+    assert {"loss_s", "loss_fp", "loss_tl"} <= set(joint) and np.isfinite(joint["loss"])
+    assert two["loss"] != joint["loss"] and abs(two["loss"] - joint["loss"]) < 0.5 * two["loss"]
 
 
 def test_train_ssada_at_100_percent_labels(tmp_path, tiny):

@@ -48,6 +48,7 @@ REPOS = {
     "MADAv2": ("munanning/MADAv2", "1c4fb8120a916eda675aa39fd9164273206a0eec"),
     "D2ADA": ("tsunghan-wu/D2ADA", "332ad9fbc0d169a751f02ea44e62ae425351571b"),
     "SS-ADA": ("ywher/SS-ADA", "483e335f2d0c5dbd19dc60278a75f7cba01350b2"),
+    "SS-ADA-train": ("ywher/SS-ADA", "a02e3d8fe8d19f2c1196b594db34a635a93b194c"),
     "TUFL": ("ywher/TUFL", "e84db359556334dd8c985c9e0ff46fc647c0ed7b"),
 }
 

@@ -1,5 +1,5 @@
-"""ssada/ against the official SS-ADA (ywher/SS-ADA @ 483e335) active-sampling code and TUFL's (ywher/TUFL @ e84db35)
-unsupervised focal loss (tests/upstream/README.md): the per-image acquisition scores (calculate_entropy,
+"""ssada/ against the official SS-ADA (ywher/SS-ADA @ 483e335, and its training script at a02e3d8: folder SS-ADA-train)
+and TUFL (ywher/TUFL @ e84db35) code (tests/upstream/README.md): the per-image acquisition scores (calculate_entropy,
 calculate_confidence, AC_Sample.calculate_iou_score, then np.mean per image), THE SELECTED IMAGES
 (AC_Sample.update_labeled_unlabeled driven with those scores), the IoU-based class weights
 (AC_Sample.generate_class_weights_2), and TUFL's UnsupFocalLoss (fixed tau) and AdaptUnsupFocalLoss (adaptive tau, two
@@ -8,15 +8,24 @@ training iteration (train_step.unsup_step + backward + utils/optimizer.py:Optimi
 CPU stand-in for inplace_abn, vs ssada/train_tufl.py main(): every weight, BN statistic and momentum buffer). CPU, fp32.
 Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_ssada_tufl.py -m upstream
 
-SS-ADA's supervised criterion (util/ohem.py:ProbOhemCrossEntropy2d with the IoU class weights) and class-threshold
-pseudo-label mask (util/functions.py:generate_confidence_mask) forward and gradient. Not comparable at the pin: the
-SS-ADA training script ss_ada_bisenetv1_single.py (the UniMatch pseudo-label CE on the strong / feature-perturbed
-views and the loss sum, one training iteration) is not in the pinned checkout 483e335. AC_Sample's inference loop
-reads images from disk and writes PNGs; the scores are computed here with the very functions it calls on the same
-logits, and update_labeled_unlabeled runs with rank 1 (the selection itself; rank 0 only writes the lists and
-re-reads the ground truth). When OpenCV is absent, `cv2` is a stand-in module (util/functions.py imports it at
-module level to write PNGs, never called here).
+SS-ADA's supervised criterion (util/ohem.py:ProbOhemCrossEntropy2d with the IoU class weights, min_kept 0 included)
+and class-threshold pseudo-label mask (util/functions.py:generate_confidence_mask) forward and gradient; the warm-up +
+poly scheduler (util/scheduler.py:WarmupLRScheduler; the listed deviation that upstream never applies it to the
+stepped optimiser, recorded); and ONE SS-ADA TRAINING ITERATION: ss_ada_bisenetv1_single.py's own main() (only at
+commit a02e3d8, "upload ss_ada_training"; removed again in c063310, so not in the 483e335 checkout) driven for one
+iteration after an active round, against ssada/train_ssada.py main() with --forward two: every head's upsampled
+logits, the six OHEM terms, the pseudo labels, confidences and masks of the weak, CutMixed strong and
+feature-perturbed views, the three unlabeled CE terms, the loss sum, every lr and weight decay, every weight, BN
+statistic and momentum buffer after the step, and the end-of-epoch validation's predictions. Random draws: the CutMix
+boxes and partners are data items given to both sides; the feature-perturbation dropout masks are fixed by
+monkeypatching the draw (F.dropout / F.dropout2d: a mask per kind and shape). AC_Sample's inference loop reads
+images from disk and writes PNGs; the scores are computed here with the very functions it calls on the same logits,
+and update_labeled_unlabeled runs with rank 1 (the selection itself; rank 0 only writes the lists and re-reads the
+ground truth). When OpenCV is absent, `cv2` is a stand-in module (util/functions.py imports it at module level to
+write PNGs, never called here).
 """
+import os
+import sys
 import types
 
 import numpy as np
@@ -376,14 +385,11 @@ def test_tufl_shared_thresholds():
 
 
 # ------------------------------------------------------------------------------------------------
-# SS-ADA's semi-supervised losses: what the pinned commit holds of them
+# SS-ADA's losses. The supervised criterion and the class-threshold mask are in the 483e335 checkout; the training
+# script ss_ada_bisenetv1_single.py (the UniMatch pseudo-label CE on the two strong views and the feature-perturbed
+# view, the loss sum, the whole iteration) exists only at a02e3d8 ("upload ss_ada_training", cited by ssada/README.md's
+# recipe table; removed in c063310): the second pin, folder SS-ADA-train, runs it (test_ssada_training_iteration).
 # ------------------------------------------------------------------------------------------------
-# The training script ss_ada_bisenetv1_single.py (its loop body: the UniMatch pseudo-label CE on the two strong views
-# and the feature-perturbed view, and the loss sum) is NOT in the pinned checkout 483e335 (it exists only at earlier
-# commits, a02e3d8 / 54f07bd): no SS-ADA training iteration or unlabeled CE can be driven here from official code.
-# What the pin holds of the losses is compared: the labelled / source criterion ProbOhemCrossEntropy2d (util/ohem.py,
-# with the IoU class weights of generate_class_weights_2 as the script passes them) and the class-threshold
-# confidence mask generate_confidence_mask (util/functions.py) that selects the pseudo-labelled pixels.
 def _ohem_case(seed, n=2, hw=(32, 64)):
     g = torch.Generator().manual_seed(seed)
     logits = 2.0 * torch.randn(n, C, *hw, generator=g)
@@ -394,14 +400,16 @@ def _ohem_case(seed, n=2, hw=(32, 64)):
     return logits, label
 
 
-@pytest.mark.parametrize("min_kept,weighted", [(1000, True), (3000, True), (3000, False), (10 ** 6, True), (20, False)])
+@pytest.mark.parametrize("min_kept,weighted", [(1000, True), (3000, True), (3000, False), (10 ** 6, True), (20, False),
+                                               (0, True), (0, False)])
 def test_ssada_ohem_ce_with_iou_class_weights(min_kept, weighted):
     """SS-ADA util/ohem.py:ProbOhemCrossEntropy2d (thresh 0.7, ignore 255; use_weight with the IoU class weights of
     AC_Sample.generate_class_weights_2, as the training script builds criterion_l after a round, or unweighted as
     before the first round) forward and gradient w.r.t. the logits == our weighted_ohem_ce, on 2 x 19 x 32 x 64 logits
     with ignored rows/columns (3416 valid pixels, 59% of them at p(true class) <= 0.7): min_kept 3000 (the 3000th
     hardest pixel is at 0.97: the threshold moves up to it), 1000 and 20 (the 0.7 threshold holds), 10**6 (more than
-    the valid pixels: no mining)."""
+    the valid pixels: no mining), 0 (upstream skips the mining: every valid pixel counts, also the 40% above 0.7;
+    ours thresholded at 0.7 before issue 27)."""
     logits0, label = _ohem_case(30 + min_kept % 7)
     iou = _iou(31)
     with H.upstream("SS-ADA"):
@@ -440,3 +448,435 @@ def test_ssada_class_threshold_confidence_mask(ratio):
     assert 0 < int(theirs.sum()) < theirs.numel()
     H.compare(f"class-threshold mask (ratio {ratio})", ours.to(torch.uint8), theirs.to(torch.uint8),
               official="SS-ADA util/functions.py:generate_confidence_mask")
+
+
+def test_ssada_warmup_poly_schedule():
+    """util/scheduler.py:WarmupLRScheduler (linear warm-up, poly 0.9; the released config's mode) stepped through a
+    whole short schedule on a throw-away optimiser == our warmup_poly_lr at every iteration, for each lr group (base
+    and 10x). The listed deviation 'lr schedule' is recorded: ss_ada_bisenetv1_single.py:201-202 attaches this
+    scheduler to `optimizer_start`, which is never stepped, so the lr of the stepped optimiser stays at the base lr
+    (what the training-iteration test below sees); ours schedules the stepped one."""
+    total, warmup, base = 50, 10, 0.05
+    with H.upstream("SS-ADA-train"):
+        sch = __import__("util.scheduler", fromlist=["x"])
+        opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
+                               {"params": [torch.zeros(1, requires_grad=True)], "lr": base * 10}], lr=base)
+        s = sch.WarmupLRScheduler("poly", {"power": 0.9}, 1, opt, total, 0, warmup, "linear", 5e-4)
+        s.max_iter = total  # AC_iters.total_iters of a run
+        theirs = []
+        for _ in range(total):
+            s.step()  # sets the lr of iteration s.cur_iter, then counts it
+            theirs.append([g["lr"] for g in opt.param_groups])
+    theirs = torch.tensor(theirs, dtype=torch.float64)
+    ours = torch.tensor([[losses.warmup_poly_lr(b, it, total, warmup) for b in (base, base * 10)]
+                         for it in range(total)], dtype=torch.float64)
+    H.compare("warm-up + poly lr of iterations 0..49, both groups", ours, theirs,
+              official="SS-ADA util/scheduler.py:WarmupLRScheduler.step")
+    d, r, _ = H._measure(torch.full_like(theirs, 0) + torch.tensor([base, base * 10]), theirs)
+    H.record("lr of upstream's stepped optimiser (constant base lr) vs its schedule (listed deviation)", d, r, False,
+             official="SS-ADA ss_ada_bisenetv1_single.py:146, :201-202, :380",
+             note="the scheduler steps optimizer_start; the stepped optimizer keeps the base lr")
+    assert r > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# One SS-ADA training iteration: ss_ada_bisenetv1_single.py main() @ a02e3d8 against ssada/train_ssada.py main()
+# ------------------------------------------------------------------------------------------------
+SS_B, SS_HW, SS_POOL, SS_LR = 2, (64, 64), 20, 0.05
+SS_IOU = torch.tensor([(7 * c % 19 + 3) / 64 for c in range(C)])  # class IoUs of "the round" (exact in fp32 and fp64)
+
+
+def _ssada_batches(seed=60):
+    """One batch of each stream: source and labelled target (image, label with ignored rows), and 2B unlabeled
+    samples (weak view, two strong views, the padding mask with 255 where the crop left the image, two CutMix
+    boxes: image 0 a box in each view, image 1 none in the first view). The last B are the CutMix partners."""
+    g = torch.Generator().manual_seed(seed)
+    img = lambda n: torch.randn(n, 3, *SS_HW, generator=g)
+
+    def lab(n):
+        y = torch.randint(0, C, (n, *SS_HW), generator=g)
+        y[:, :6] = 255
+        return y
+
+    src, tl = (img(SS_B), lab(SS_B)), (img(SS_B), lab(SS_B))
+    n = 2 * SS_B
+    w, s1, s2 = img(n), img(n), img(n)
+    ign = torch.zeros(n, *SS_HW, dtype=torch.long)
+    ign[0, :, -10:] = 255
+    ign[2, -12:] = 255  # a partner's padding enters image 0's mixed views
+    box1, box2 = torch.zeros(n, *SS_HW), torch.zeros(n, *SS_HW)
+    box1[0, 10:40, 20:50] = 1
+    box2[0, 30:60, 5:35] = 1
+    box2[1, 0:20, 30:64] = 1
+    box1[2:, 5:25, 5:25] = box2[2:, 40:60, 40:60] = 1  # partners' own boxes: never used (upstream: `_, _`)
+    return src, tl, (w, s1, s2, ign, box1, box2)
+
+
+def _fixed_dropout(monkeypatch, calls):
+    """F.dropout / F.dropout2d with masks that depend only on the call's kind and shape (a fixed generator per
+    kind), on both sides: upstream's nn.Dropout(0.5)(feat_sp) / nn.Dropout2d(0.5)(feat_cp8) (their forward calls
+    torch.nn.functional.dropout / dropout2d) and our F.dropout / F.dropout2d in common/bisenet.py. Same shapes -> the
+    same feature-perturbation masks."""
+    F = torch.nn.functional
+
+    def make(kind):
+        def drop(x, p=0.5, training=True, inplace=False):
+            if not training or p == 0:
+                return x
+            shape = x.shape if kind == "dropout" else x.shape[:2] + (1,) * (x.dim() - 2)
+            keep = torch.rand(shape, generator=torch.Generator().manual_seed(11 if kind == "dropout" else 12)) >= p
+            calls.append((kind, tuple(x.shape), float(keep.float().mean())))
+            return x * keep.to(x.dtype) / (1 - p)
+        return drop
+
+    monkeypatch.setattr(F, "dropout", make("dropout"))
+    monkeypatch.setattr(F, "dropout2d", make("dropout2d"))
+
+
+def _frame_locals(name, filename):
+    """The local variables of the innermost running function `name` defined in `filename` (read from an optimiser
+    step hook: the training loop's losses, pseudo labels and masks of the iteration just stepped)."""
+    f = sys._getframe()
+    while f is not None and not (f.f_code.co_name == name and f.f_code.co_filename.endswith(filename)):
+        f = f.f_back
+    assert f is not None, f"{name} ({filename}) is not running"
+    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in f.f_locals.items()}
+
+
+def _run_ssada_upstream(monkeypatch, tmp_path, case):
+    """Upstream: ss_ada_bisenetv1_single.py main() itself, for one epoch of one iteration that starts with an active
+    round, with the released config file (configs/parking_bev2024_acda_bisenetv1_single.yaml) changed only in the
+    data sizes, the case's loss switches, and a round at epoch 0 (so that the IoU class weights and class thresholds
+    are in play). Driving shims (none changes a computed value): SemiDataset -> fake datasets serving the batches
+    (upstream's unshuffled loaders: the second pass over trainloader_u serves the partners), AC_Sample -> a subclass
+    whose round sets the class IoUs (SS_IOU) and moves images to the labelled list without reading images (the
+    selection is compared in test_acquisition_scores_and_selected_images), the model constructor -> the real
+    BiSeNetV1, randomised, Resnet18.init_weight (reads ImageNet weights from disk) -> no-op, the end-of-epoch
+    validation -> the real evaluate_single_gpu on a list holding one batch (its DataLoader has a worker process),
+    torch.utils.tensorboard -> a stand-in (not installed), the loader iterator's Python 2 `.next()` -> __next__."""
+    import yaml
+    src, tl, unl = _ssada_batches()
+    val = _ssada_val()
+    base = H.repo("SS-ADA-train")
+    cfg = yaml.load(open(base / "configs/parking_bev2024_acda_bisenetv1_single.yaml"), Loader=yaml.Loader)
+    cfg.update(dataset="acdc", nclass=C,  # a 19-class dataset validated in "original" (whole-image) mode
+               crop_size=list(SS_HW), n_sample=SS_POOL, workers=0, epochs=1,
+               batch_size=SS_B, data_root=str(tmp_path), data_list=str(tmp_path / "labeled.txt"),
+               conf_thresh=case["conf_thresh"])
+    cfg["source"].update(type="gtav", data_root=str(tmp_path), data_list=str(tmp_path / "src.txt"))
+    cfg["criterion"]["fre_cfg"]["update_fre"] = case["weighted"]
+    cfg["criterion"]["kwargs"]["min_kept"] = case["min_kept"]
+    cfg["mask_ratio"]["use_class_threshold"] = case["class_threshold"]
+    cfg["active"].update(init_ratio=0.1, total_ratio=0.3, sample_epoch=[0])
+    (tmp_path / "cfg.yaml").write_text(yaml.dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["ss_ada_bisenetv1_single.py", "--config", str(tmp_path / "cfg.yaml"),
+                                      "--save-path", str(tmp_path / "upstream")])
+    tb = types.ModuleType("torch.utils.tensorboard")
+    tb.SummaryWriter = lambda *a, **k: types.SimpleNamespace(add_scalar=lambda *a, **k: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tb)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", torch.backends.cudnn.enabled)
+    from torch.utils.data import dataloader
+    monkeypatch.setattr(dataloader._BaseDataLoaderIter, "next", dataloader._BaseDataLoaderIter.__next__, raising=False)
+    items = {"source": [(src[0][b], src[1][b]) for b in range(SS_B)],
+             "train_l": [(tl[0][b], tl[1][b]) for b in range(SS_B)],
+             "train_u": [tuple(t[b] for t in unl) for b in range(2 * SS_B)],
+             "val": [(val[0][0], val[1][0], "v0")]}
+    # lengths: one labelled batch (zip stops after it: one iteration); 8 unlabeled batches, as the loop's log line
+    # divides by max(len(trainloader_u), len(trainloader_l)) // 8 (only the first two are drawn: own, partners)
+    fakes = {m: H.fake_dataset(v, length={"train_u": 8 * SS_B, "val": 1}.get(m, SS_B)) for m, v in items.items()}
+    out = types.SimpleNamespace(watch=[], drops=[], ohem=[], evals=[], locals=None)
+    with H.upstream("SS-ADA-train"), monkeypatch.context() as m:
+        resnet = __import__("model.backbone.resnet18", fromlist=["x"])
+        m.setattr(resnet.Resnet18, "init_weight", lambda self: None)
+        script = __import__("ss_ada_bisenetv1_single")
+        ohem = __import__("util.ohem", fromlist=["x"])
+        acs = __import__("util.active_sample", fromlist=["x"])
+        def semi_dataset(name, root, mode, *a, **k):
+            ds = fakes[mode]()
+            ds.ids = [f"img{i:02d}.png" for i in range(SS_POOL)]  # read for trainset_l's nsample
+            return ds
+        m.setattr(script, "SemiDataset", semi_dataset)
+
+        def build(cfg_, *a, **k):
+            net = H.randomize(script_bisenet(cfg_, *a, **k), seed=61)
+            out.init = H.clone_state(net)
+            out.watch.append(net)
+            return net
+        script_bisenet = script.BiSeNetV1
+        m.setattr(script, "BiSeNetV1", build)
+
+        class Sampler(acs.AC_Sample):
+            def __init__(self, config, ac_iters, output_root):
+                self.config, self.ac_iters, self.output_root, self.sample_times = config, ac_iters, output_root, 0
+                self.output_dir = os.path.join(output_root, "AC_round_0")
+                self.num_classes, self.iou_classes = config["nclass"], torch.zeros(config["nclass"])
+                names = [f"img{i:02d}.png" for i in range(SS_POOL)]
+                self.labeled_names, self.unlabeled_names = names[:2], names[2:]
+
+            def run_active_learning(self, model, rank=0):
+                self.sample_times += 1
+                self.output_dir = os.path.join(self.output_root, f"AC_round_{self.sample_times}")
+                self.iou_classes = SS_IOU.double()  # calculate_labeled_iou: torch.from_numpy(float64 IoU)
+                k = self.ac_iters.sample_increment[0]
+                self.labeled_names += self.unlabeled_names[:k]
+                self.unlabeled_names = self.unlabeled_names[k:]
+        m.setattr(script, "AC_Sample", Sampler)
+
+        real_forward = ohem.ProbOhemCrossEntropy2d.forward
+
+        def ohem_spy(self, pred, target):
+            loss = real_forward(self, pred, target.clone())
+            out.ohem.append((pred.detach().clone(), loss.detach().clone(),
+                             None if not hasattr(self.criterion, "weight") or self.criterion.weight is None
+                             else self.criterion.weight.clone()))
+            return loss
+        m.setattr(ohem.ProbOhemCrossEntropy2d, "forward", ohem_spy)
+        real_eval = script.evaluate_single_gpu
+
+        def evaluate(model, loader, mode, cfg_, show_bar=False):
+            m.setattr(script, "intersectionAndUnion_gpu", lambda p, y, k, i: out.evals.append(p.clone()) or
+                      script_iou(p, y, k, i))
+            return real_eval(model, [(val[0], val[1], ["v0"])], mode, cfg_)
+        script_iou = script.intersectionAndUnion_gpu
+        m.setattr(script, "evaluate_single_gpu", evaluate)
+        _fixed_dropout(m, out.drops)
+        rec = H.record_steps(m, watch=out.watch, after=lambda r, k: setattr(
+            out, "locals", _frame_locals("main", "ss_ada_bisenetv1_single.py")))
+        try:
+            script.main()
+        finally:
+            import logging
+            for h in list(logging.getLogger("global").handlers):
+                logging.getLogger("global").removeHandler(h)
+                h.close()
+    out.rec = [r for r in rec if r.steps]  # the stepped optimiser (optimizer_start is never stepped)
+    assert len(rec) == 2 and len(out.rec) == 1 and len(out.rec[0].steps) == 1
+    out.net = out.watch[0]
+    return out
+
+
+def _ssada_val():
+    g = torch.Generator().manual_seed(62)
+    return torch.randn(1, 3, 64, 96, generator=g), torch.randint(0, C, (1, 64, 96), generator=g)
+
+
+class _OurPool:
+    """What train_ssada.main() reads of its datasets besides the loaders (patched): file lists, names, labels."""
+    norm = "imagenet"
+
+    def __init__(self, n, items=None):
+        self.files, self.items = [(f"img{i:02d}.png", f"lab{i:02d}.png") for i in range(n)], items
+
+    def __len__(self):
+        return len(self.files)
+
+    def name(self, i):
+        return self.files[i][0]
+
+    def load_label(self, i):
+        return np.zeros((4, 4), np.uint8)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two"):
+    """Ours: ssada/train_ssada.py main() in-process for one iteration (one epoch of one iteration, a round at epoch 0
+    whose class IoUs are SS_IOU: active_round patched, as upstream's), from upstream's initial weights
+    (ssada.releases.bisenet_to_ours, strict), the same batches (infinite_loader patched to serve them; the unlabeled
+    loader's 2B images: the first B trained on, the last B their CutMix partners), warm-up 0 (upstream's stepped
+    optimiser runs at the base lr: listed deviation). The round's pictures and checkpoint files are patched out."""
+    import common.runtime as rt
+    from common import evaluate as common_eval
+    from common.bisenet import BiSeNetV1
+    from ssada import releases, train_ssada
+    src, tl, unl = _ssada_batches()
+    val = _ssada_val()
+    model = H.load_strict(BiSeNetV1(C, variant="ssada"), releases.bisenet_to_ours(init))
+    fake_l, fake_u = _OurPool(SS_POOL), _OurPool(SS_POOL)
+    val_ds = _OurPool(1, [{"image": val[0][0], "label": val[1][0], "index": 0, "name": "v0.png"}])
+    w, s1, s2, ign, box1, box2 = unl
+    batches = {"source": {"image": src[0], "label": src[1]}, "labeled": {"image": tl[0], "label": tl[1]},
+               "unlabeled": {"image": w, "s1": s1, "s2": s2, "ignore": ign, "box1": box1, "box2": box2,
+                             "index": torch.arange(2 * SS_B)}}
+
+    def loader(ds, *a, **k):
+        which = "source" if not hasattr(ds, "dataset") else "labeled" if ds.dataset is fake_l else "unlabeled"
+        return iter([batches[which]])
+
+    out = types.SimpleNamespace(drops=[], ohem=[], evals=[], locals=None, rounds=0)
+
+    def active_round(model_, pool, labeled, k, *a, **kw):
+        out.rounds += 1
+        picked = sorted(set(range(SS_POOL)) - set(labeled))[:k]
+        return picked, SS_IOU.clone(), {i: {"entropy": 0.0, "entropy_iou": 0.0} for i in picked}, \
+            {"mIoU": 0.0, "per_class": {}}
+
+    def ohem_spy(logits, *a, **k):
+        loss = losses.weighted_ohem_ce(logits, *a, **k)
+        out.ohem.append((logits.detach().clone(), loss.detach().clone()))
+        return loss
+
+    def evaluate(model_, ds, *a, **k):  # the real evaluation, on the validation batch, no picture files
+        return common_eval.evaluate(model_, val_ds, C, torch.device("cpu"), workers=0)
+
+    def predict_spy(*a, **k):
+        logits = real_predict(*a, **k)
+        out.evals.append(logits.argmax(1))
+        return logits
+    real_predict = common_eval.predict_logits
+    argv = ["--source", "gta5", "--source-root", str(tmp_path), "--target", "cityscapes", "--target-root",
+            str(tmp_path), "--init", "scratch", "--out", str(tmp_path / f"ours_{forward}"), "--batch-size", str(SS_B),
+            "--lr", str(SS_LR), "--epochs", "1", "--epoch-iters", "1", "--sample-epochs", "0", "--init-ratio", "0.1",
+            "--total-ratio", "0.3", "--warmup", "0", "--strategy", "entropy", "--min-kept", str(case["min_kept"]),
+            "--conf-thresh", str(case["conf_thresh"]), "--iou-weights", str(int(case["weighted"])),
+            "--crop-size", f"{SS_HW[0]},{SS_HW[1]}", "--full-res", "1", "--eval-mode", "whole", "--device", "cpu",
+            "--amp", "off", "--workers", "0", "--forward", forward, "--save-every", "1000"]
+    args = train_ssada.parse_args(argv + (["--class-threshold"] if case["class_threshold"] else []))
+    with monkeypatch.context() as m:
+        m.setattr(train_ssada, "make_bisenet", lambda *a, **k: (model, {"norm": "imagenet", "model": "bisenetv1"}))
+        m.setattr(train_ssada, "resolve_domain", lambda name, root, role: (name, "real", root))
+        m.setattr(train_ssada, "train_set", lambda name, *a, **k: fake_l if name == "cityscapes" else _OurPool(4))
+        m.setattr(train_ssada, "UnlabeledViews", lambda *a, **k: fake_u)
+        m.setattr(train_ssada, "build_dataset", lambda kind, root, split, *a, **k:
+                  val_ds if split == train_ssada.DOMAINS["cityscapes"][2] else _OurPool(SS_POOL))
+        m.setattr(train_ssada, "infinite_loader", loader)
+        m.setattr(train_ssada, "active_round", active_round)
+        m.setattr(train_ssada, "save_selected_pictures", lambda *a, **k: None)
+        m.setattr(train_ssada.P, "selection_pictures", lambda *a, **k: None)
+        m.setattr(train_ssada, "weighted_ohem_ce", ohem_spy)
+        m.setattr(train_ssada, "evaluate", evaluate)
+        m.setattr(common_eval, "predict_logits", predict_spy)
+        m.setattr(rt, "check_inputs", lambda *a, **k: None)
+        m.setattr(rt, "save_checkpoint", lambda *a, **k: None)
+        _fixed_dropout(m, out.drops)
+        rec = H.record_steps(m, watch=[model], after=lambda r, k: setattr(
+            out, "locals", _frame_locals("main", "train_ssada.py")))
+        train_ssada.main(args)
+    assert out.rounds == 1 and len(rec) == 1 and len(rec[0].steps) == 1
+    out.rec, out.model = rec, model
+    return out
+
+
+SS_CASES = {
+    # the released config's loss settings: conf_thresh 0, no class thresholds, unweighted (update_fre False),
+    # min_kept 200000 (more than this batch's valid pixels: no mining)
+    "config": dict(conf_thresh=0.0, class_threshold=False, weighted=False, min_kept=200000),
+    # the paper's components on: IoU class weights and the IoU class thresholds, OHEM mining from the 2000th pixel
+    "iou-weights-class-thresholds": dict(conf_thresh=0.0, class_threshold=True, weighted=True, min_kept=2000),
+    # a fixed confidence threshold (UniMatch's configs: 0.95; here 0.15, half of the pixels) and min_kept 0
+    "conf-0.15-min-kept-0": dict(conf_thresh=0.15, class_threshold=False, weighted=True, min_kept=0),
+}
+
+
+@pytest.mark.parametrize("case", list(SS_CASES))
+def test_ssada_training_iteration(monkeypatch, tmp_path, case):
+    """One SS-ADA iteration, upstream's main() (ss_ada_bisenetv1_single.py @ a02e3d8) against ours
+    (train_ssada.py main() with --forward two: upstream's two training passes) from the same random weights on the
+    same batches, both after a round at epoch 0 with the same class IoUs: the CutMix boxes and partners are the same
+    data items on both sides; the feature-perturbation dropout masks are fixed by monkeypatching the draw
+    (_fixed_dropout: a mask per kind and shape, so both sides' nn.Dropout(0.5) / Dropout2d(0.5) get the same masks).
+    Compared: every head's upsampled logits (align_corners=False as upstream's nn.Upsample; ours' former True is
+    recorded), the six OHEM CE terms (source / labelled x 3 heads, with the IoU class weights), the partners'
+    eval-mode pseudo labels and confidences, the weak-view pseudo labels and confidences, the CutMixed pseudo labels,
+    confidences and padding masks of both strong views, the three confidence masks, the two strong-view CE and the
+    feature-perturbed CE, the loss sum, every lr and weight decay per parameter, every weight and BN statistic after
+    the step, every momentum buffer, and the end-of-epoch validation's predictions (upstream's evaluate_single_gpu
+    'original' mode vs our common.evaluate through ssada.test.AtInputSize). Config case: our default --forward joint
+    (one pass, a listed deviation) is run too and its difference recorded."""
+    from ssada import releases
+    cfg = SS_CASES[case]
+    up = _run_ssada_upstream(monkeypatch, tmp_path, cfg)
+    ours = _run_ssada_ours(monkeypatch, tmp_path, up.init, cfg)
+    off = "SS-ADA ss_ada_bisenetv1_single.py:main (@ a02e3d8)"
+    what = lambda s: f"{case}: {s}"
+    T, O = up.locals, ours.locals
+    # the dropout masks: the same calls (kind, shape) on both sides, half of the units dropped
+    assert [d[:2] for d in up.drops] == [d[:2] for d in ours.drops] and len(up.drops) == 2, (up.drops, ours.drops)
+    assert all(0.3 < d[2] < 0.7 for d in up.drops)
+    # 1. every head's logits after the upsampling (the inputs of the six OHEM terms), and the OHEM terms
+    assert len(up.ohem) == len(ours.ohem) == 6
+    names = [f"{d} {h}" for d in ("source", "labelled") for h in ("out", "aux16", "aux32")]
+    for n, (lt, ct, wt), (lo, co) in zip(names, up.ohem, ours.ohem):
+        H.compare(what(f"{n} head logits upsampled (align_corners=False)"), lo, lt, official=off + " model(...)")
+        H.compare(what(f"{n} OHEM CE"), co, ct, official="SS-ADA util/ohem.py:ProbOhemCrossEntropy2d")
+        assert (wt is not None) == cfg["weighted"]
+    raw = O["pred"]["out"][:SS_B]  # our main head at 1/8 for the source images: the house convention True, recorded
+    d, r, _ = H._measure(torch.nn.functional.interpolate(raw, size=SS_HW, mode="bilinear", align_corners=True),
+                         up.ohem[0][0])
+    H.record(what("source main-head logits upsampled with align_corners=True (--align-corners 1) vs upstream"), d, r,
+             False, official=off, note="ours before issue 27; now --align-corners 1")
+    assert r > 1e-3
+    H.compare(what("L_src (mean over 3 heads)"), O["loss_src"], T["total_loss_src"], official=off)
+    H.compare(what("L_tl (mean over 3 heads)"), O["loss_tl"], T["total_loss_tlb"], official=off)
+    # 2. pseudo labels, confidences, CutMix, masks
+    H.compare(what("partners' eval-mode pseudo labels"), O["pseudo_m"], T["mask_u_w_mix"], official=off)
+    H.compare(what("partners' confidences"), O["conf_m"], T["conf_u_w_mix"], official=off)
+    H.compare(what("strong view 1 after CutMix"), O["s1"], T["img_u_s1"], official=off)
+    H.compare(what("strong view 2 after CutMix"), O["s2"], T["img_u_s2"], official=off)
+    H.compare(what("weak-view pseudo labels"), O["pseudo_w"], T["mask_u_w"], official=off)
+    H.compare(what("weak-view confidences"), O["conf_w"], T["conf_u_w"], official=off)
+    for k in ("1", "2"):
+        H.compare(what(f"CutMixed pseudo labels {k}"), O["pseudo" + k], T["mask_u_w_cutmixed" + k], official=off)
+        H.compare(what(f"CutMixed confidences {k}"), O["conf" + k], T["conf_u_w_cutmixed" + k], official=off)
+        H.compare(what(f"CutMixed padding masks {k}"), O["ign" + k], T["ignore_mask_cutmixed" + k], official=off)
+        H.compare(what(f"confidence mask, strong view {k}"), O["mk" + k].to(torch.uint8),
+                  T[f"mask_u_s{k}"].to(torch.uint8), official=off)
+    H.compare(what("confidence mask, feature-perturbed view"), O["mkw"].to(torch.uint8),
+              T["mask_u_w_fp"].to(torch.uint8), official=off)
+    frac = float(T["mask_u_w_fp"].float().mean())
+    assert (frac == 1.0) if cfg["conf_thresh"] == 0 and not cfg["class_threshold"] else 0.05 < frac < 0.95, frac
+    assert (T["cutmix_box1"] == 1).any() and not torch.equal(T["mask_u_w_cutmixed1"], T["mask_u_w"])
+    # 3. the unlabeled logits and losses, the sum
+    H.compare(what("strong view logits (second pass)"), torch.cat(O["parts"]["out"][3:5]),
+              torch.cat([T["pred_u_s1"], T["pred_u_s2"]]), official=off)
+    H.compare(what("feature-perturbed weak-view logits"), O["parts"]["fp"][2], T["pred_u_w_fp"], official=off)
+    H.compare(what("L_s1 (strong view 1 CE)"), O["loss_s1"], T["loss_u_s1"], official=off)
+    H.compare(what("L_s2 (strong view 2 CE)"), O["loss_s2"], T["loss_u_s2"], official=off)
+    H.compare(what("L_fp (feature-perturbed CE)"), O["loss_fp"], T["loss_u_w_fp"], official=off)
+    H.compare(what("loss sum"), O["loss"], T["loss"], official=off)
+    # 4. the step: lrs and weight decays per parameter, weights and BN statistics, momentum buffers
+    rt_, ro = up.rec[0], ours.rec[0]
+    ren = lambda n: releases._rename(n)
+
+    def per_param(opt, module, key, rename=lambda n: n):
+        own = {id(p): g[key] for g in opt.param_groups for p in g["params"]}
+        return {rename(n): own[id(p)] for n, p in module.named_parameters() if id(p) in own}
+    for key in ("lr", "weight_decay"):
+        a, b = per_param(ro.optimizer, ours.model, key), per_param(rt_.optimizer, up.net, key, ren)
+        assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))[:8]
+        H.compare(what(f"{key} of every parameter ({len(b)})"), torch.tensor([a[k] for k in sorted(b)]),
+                  torch.tensor([b[k] for k in sorted(b)]), official=off + " util/optimizer.py:set_optimizer_bisenet")
+    after_t = releases.bisenet_to_ours(rt_.steps[0].modules[0])
+    after_o = ro.steps[0].modules[0]
+    H.compare_states(what("weights and BN statistics after the step"), after_o, after_t, official=off)
+    init = releases.bisenet_to_ours(up.init)
+    still = [k for k, v in after_t.items() if v.is_floating_point() and
+             float((v - init[k]).abs().max()) <= 10 * H.RTOL * float(v.abs().max())]
+    n_float = sum(v.is_floating_point() for v in after_t.values())
+    H.record(what("tensors the step moved by less than 10x the tolerance (a count; at most 5% allowed)"), len(still),
+             len(still) / n_float, False, n=n_float,
+             note="BN scales (no weight decay) with tiny gradients at this random initialisation: " + ", ".join(still))
+    assert len(still) <= 0.05 * n_float, f"the step hardly moved {len(still)} of {n_float} tensors: {still}"
+    buf_t = {f"{ren(n)}:{k}": v for n, p in up.net.named_parameters() for k, v in rt_.steps[0].state[id(p)].items()}
+    H.compare_states(what("SGD momentum buffers"), H.state_by_name(ro.steps[0].state, ours.model), buf_t,
+                     official=off)
+    # 5. the end-of-epoch validation (upstream 'original' mode on this dataset: model(img)[0].argmax, heads upsampled
+    # with align_corners=False inside the model) == ours (common.evaluate on ssada.test.AtInputSize)
+    assert len(up.evals) == len(ours.evals) == 1
+    H.compare(what("validation predictions after the step (64 x 96)"), ours.evals[0], up.evals[0],
+              official=off + " evaluate_single_gpu")
+    if case == "config":  # our default single pass: the listed deviation 'forward passes', recorded
+        joint = _run_ssada_ours(monkeypatch, tmp_path, up.init, cfg, forward="joint")
+        for n, o, t in (("loss sum", joint.locals["loss"], T["loss"]),
+                        ("L_s1", joint.locals["loss_s1"], T["loss_u_s1"])):
+            d, r, _ = H._measure(o, t)
+            H.record(what(f"{n} with our default --forward joint (listed deviation)"), d, r, False, official=off,
+                     note="one pass over source, labelled, weak and strong views: BN statistics over the joint batch")
+        after_j = joint.rec[0].steps[0].modules[0]
+        worst = max((float((after_j[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)), k)
+                    for k, v in after_t.items() if v.is_floating_point())
+        H.record(what("weights after the step with --forward joint (listed deviation)"), None, worst[0], False,
+                 official=off, note=f"worst at {worst[1]}")
+        assert worst[0] > 1e-3
