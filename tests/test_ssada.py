@@ -600,3 +600,16 @@ def test_tufl_resnet_has_tufls_leaky_relu_after_each_first_bn():
             got = net._layer(torch.nn.Sequential(blk), x)
             assert torch.allclose(got, want, atol=1e-6), variant
             assert torch.allclose(got, blk(x), atol=1e-6) == (variant == "ssada")
+
+
+def test_bench_forward_smoke(tmp_path):
+    """ssada/bench_forward.py (two passes vs one joint pass, a benchmark command) runs end to end and writes a row
+    per way and precision, each way's ratio to the joint pass."""
+    out = tmp_path / "bf.json"
+    p = run_script("ssada/bench_forward.py", "--crop", "32,48", "--batch", "1", "--reps", "1", "--warmup", "0",
+                   "--out", out)
+    assert "[done]" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["forward"] for r in rows} == {"two", "joint"} and len(rows) in (2, 4)
+    assert all(r["median_s"] > 0 for r in rows)
+    assert all(r["ratio_to_joint"] == 1.0 for r in rows if r["forward"] == "joint")
