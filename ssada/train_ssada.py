@@ -52,7 +52,7 @@ from ssada.test import evaluate_sliding, predict, upsample, whole_model
 # target images, OHEM 0.7 / 200000); crops 640x640 (configs/cityscapes_bisenetv1.yaml) after scaling the
 # long side by U(0.5, 2) of the image's own size; validation and active-round inference at full resolution,
 # validation with 640x640 sliding windows (stride 2/3). Recipe table with file:line: ssada/README.md.
-# TOY: BiSeNetV1-R18 from scratch, batch 2, 5 short epochs of 20 iters (40 before issue 17's 40-minute benchmark
+# TOY: BiSeNetV1-R18 from the toy backbone (scratch on toy v2), batch 2, 5 short epochs of 20 iters (40 before issue 17's 40-minute benchmark
 # budget: the v2 numbers), toy sizes, whole-image evaluation.
 PAPER = dict(init=None, batch_size=4, lr=0.05, epochs=200, sample_epochs=[20, 40, 60], epoch_iters=None,
              warmup=1000, min_kept=200000, save_every=2000, out="runs/ssada/ssada", crop_size=(640, 640),
