@@ -10,7 +10,8 @@ train_stage2.main (test_mada_stage2_training_iteration; [released]: with --relea
 One MADAv2 step-2 iteration is driven the same way through upstream's CustomModel of adaptation_model_AEL.py and
 step_active_stage2 (teacher, bank draw, class-aware CutMix, OHEM, entropy filter, class-rate-sampled consistency,
 anchor loss, SGD), against our train_stage2_semi.main resumed from the same state
-(test_madav2_step2_training_iteration).
+(test_madav2_step2_training_iteration; [released*]: upstream unpatched in deviations 2, 3, 4, 6 against ours with
+--released).
 """
 import copy
 import random
@@ -579,11 +580,14 @@ def _semi_case(case):
     return xa, ya, images, anchors, r, bank, u
 
 
-def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_state):
-    """train()'s per-iteration part (sample_from_bank with its two draws fixed to ours, the pair, scheduler_step,
-    train, optimizer_zerograd) and step_active_stage2 on a CustomModel built by its own __init__ (minimal config
-    of configs/active_from_gta_to_city_stage2.yml's keys; DeepLab -> teacher, then student behind upstream's
-    4-tuple; the student's optim_parameters = upstream's DeepLab.optim_parameters run on our modules)."""
+def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_state, released=False):
+    """train()'s calls before its loop (BaseNet / PredNet .train()) and per iteration (sample_from_bank with its two
+    draws fixed to ours, the pair, scheduler_step, train, optimizer_zerograd) and step_active_stage2 on a
+    CustomModel built by its own __init__ (minimal config of configs/active_from_gta_to_city_stage2.yml's keys;
+    DeepLab -> teacher, then student behind upstream's 4-tuple; the student's optim_parameters = upstream's
+    DeepLab.optim_parameters run on our modules). released=False: the teacher kept in eval mode and the stored r
+    set to ours' (deviations 6 and 4 neutralised); True: the teacher takes upstream's train() calls and r is
+    __init__'s own torch.rand(3, 19), answered with ours' row (inputs' r) in row 0."""
     from common import runtime as rt
     xa, ya, images, anchors, r, bank, u = inputs
     lr, s = SEMI["lr"], 2 * epoch                            # iterations done before this one (resume)
@@ -613,14 +617,20 @@ def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_st
                 mods.get_10x_lr_params = types.MethodType(real_deeplab.get_10x_lr_params, mods)
                 return real_deeplab.optim_parameters(mods, lr)
 
-        built = iter([_FrozenTeacher(teacher), Student(student)])    # PredNet first, then BaseNet
+        built = iter([(_UpstreamHeads if released else _FrozenTeacher)(teacher), Student(student)])  # PredNet first
         m.setattr(am, "DeepLab", lambda **k: next(built))
         m.setattr(am.CustomModel, "load_PredNet", lambda self, *a, **k: None)   # stage-1 file: the prepared teacher
         rec = H.record_steps(m, watch=[student])
+        real_rand = torch.rand
+        if released:                                         # __init__'s torch.rand(3, 19): row 0 = ours' init
+            m.setattr(torch, "rand", lambda *size, **k: torch.stack([r, real_rand(C), real_rand(C)])
+                      if size == (3, C) else real_rand(*size, **k))
         model = am.CustomModel(cfg, None, H._Anything())
+        m.setattr(torch, "rand", real_rand)
         H.load_strict(model.BaseNet.net, init)               # setup()'s init_weights re-initialised it
         model.centroids = anchors.copy()
-        model.class_criterion = r.expand(3, C).clone()       # ours' state (upstream: torch.rand, deviation 4)
+        if not released:
+            model.class_criterion = r.expand(3, C).clone()   # ours' state (upstream: torch.rand, deviation 4)
         model.cutmix_bank[:, :bank.shape[1]] = bank
         got.criterion_init = model.class_criterion.clone()
         # train(): the bank draw, its np.random.choice / random.choice answered with our choices
@@ -649,6 +659,9 @@ def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_st
         model.calculate_min_mse = lambda v: got.mse.append(real_mse(v)) or got.mse[-1]
         model.iter = s + 1
         model.BaseSchedule.last_epoch = s                    # resumed after s iterations
+        # train() before its loop (step2_train_active_semi_sup.py:83-86); the previous step's end (:296) the same
+        for net in (model.BaseNet, model.BaseNet_DP, model.PredNet, model.PredNet_DP):
+            net.train()
         model.scheduler_step()
         model.train()
         model.optimizer_zerograd()
@@ -660,26 +673,32 @@ def _run_semi_upstream(monkeypatch, student, teacher, inputs, cat, epoch, rng_st
     return rec, got
 
 
-def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, box_index):
+def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, box_index, released=False):
     """mada/train_stage2_semi.py:main resumed after 2 x epoch iterations (a checkpoint written here: the same
-    weights, anchors, r and bank) and stopped right after its first optimiser step; data and evaluation
-    replaced, the draws of sample_from_bank / class_box answered as upstream's, torch.rand's map fixed."""
+    weights, anchors, r and bank; released: the optimiser of upstream's groups and the teacher, as a --released run's
+    checkpoint holds them) and stopped right after its first optimiser step; data and evaluation replaced, the draws
+    of sample_from_bank / class_box answered as upstream's, torch.rand's map fixed. Flags: --entropy-filter low
+    --cons-norm all --released-sched-order; released: --released (those and the four of deviations 2, 3, 4, 6)."""
     from common import runtime as rt
     from mada import train_stage2_semi as T
     xa, ya, images, anchors, r, bank, u = inputs
     out = tmp_path / "ours"
     out.mkdir()
     mcfg = {"model": "deeplabv3plus", "backbone": "resnet18", "num_classes": C, "norm": "imagenet"}
-    opt = core.param_groups_sgd(student, SEMI["lr"], 0.9, 2e-4, 10.0)
+    if released:
+        opt = T.released_param_groups_sgd(copy.deepcopy(student), SEMI["lr"], 0.9, 2e-4, 10.0)
+    else:
+        opt = core.param_groups_sgd(student, SEMI["lr"], 0.9, 2e-4, 10.0)
     rt.save_checkpoint(out / "checkpoint.pth", model=H.clone_state(student), optimizer=opt.state_dict(),
                        scaler={}, iter=2 * epoch, rng=[rng_state], best={"mIoU": -1.0}, config=mcfg,
                        labeled=["img"], anchors=torch.from_numpy(anchors.copy()), bank=bank.clone(),
-                       class_conf=r.clone())
+                       class_conf=r.clone(), **({"teacher": H.clone_state(teacher)} if released else {}))
     args = T.parse_args(["--out", str(out), "--resume", "--iters", str(SEMI["max_iter"]),
                          "--stop-iter", str(SEMI["epochs"] * SEMI["epoch_iters"]),
                          "--epoch-iters", str(SEMI["epoch_iters"]), "--anchor-start", str(51 * SEMI["epoch_iters"]),
                          "--lr", str(SEMI["lr"]), "--batch-size", "2", "--ohem-min-kept", str(SEMI["min_kept"]),
-                         "--entropy-filter", "low", "--cons-norm", "all", "--released-sched-order",
+                         *(["--released"] if released else
+                           ["--entropy-filter", "low", "--cons-norm", "all", "--released-sched-order"]),
                          "--amp", "off", "--device", "cpu", "--workers", "0", "--seed", str(SEMI["seed"]),
                          "--eval-every", "100000", "--save-every", "100000"])
     arr = anchors.copy()
@@ -701,6 +720,7 @@ def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, 
         m.setattr(T.core, "eval_set_at", lambda *a, **k: None)
         m.setattr(T.core, "subset_by_names", lambda *a, **k: None)
         m.setattr(T.core, "load_anchors", lambda *a, **k: (arr, np.ones((K, C), bool)))
+        got.stored_r = H.spy(m, T, "initial_class_conf")     # the stored r (resumed into it, updated in place)
         real = types.SimpleNamespace(ohem=T.ohem_cross_entropy, cons=T.semi.weighted_consistency,
                                      bal=T.core.batch_anchor_loss, sfb=T.semi.sample_from_bank,
                                      box=T.semi.class_box)
@@ -728,7 +748,7 @@ def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, 
     return rec, got
 
 
-@pytest.mark.parametrize("case", ["region", "fallback"])
+@pytest.mark.parametrize("case", ["region", "fallback", "released", "released-fallback"])
 def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     """One MADAv2 step-2 iteration: upstream step2_train_active_semi_sup.py:train's per-iteration part (utils/utils.py
     sample_from_bank, the unlabelled pair, scheduler_step / train / optimizer_zerograd) and
@@ -764,18 +784,36 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     as ours (zeros in ours, torch.rand upstream: deviation 4) and upstream leaves its stored r unchanged after the
     step (deviation 3: recorded against ours' updated r); upstream's optimiser leaves the decoder, low-level
     projection and classifier out (deviation 2: recorded, every parameter in its groups compared); the defaults of
-    deviations 5 and 8 recorded against upstream's released values."""
+    deviations 5 and 8 recorded against upstream's released values.
+
+    "released" / "released-fallback" (the region / fallback setup): upstream runs unpatched in those four respects
+    and ours runs with --released (--released-param-groups, --released-class-conf, --class-conf-init rand,
+    --teacher-mode train with the three flags above): upstream's teacher takes its own train() calls (train()'s
+    before the loop; step_active_stage2's eval() for the pair and train() for the mixed images), upstream's r is its
+    __init__'s torch.rand(3, 19) with row 0 answered by ours' --class-conf-init rand draw (ours' checkpoint holds the
+    same r: with --released-class-conf the stored r never changes from its init), its stored r is not overwritten,
+    and its optimiser leaves the decoder out as ours does. Dropout, the teacher's included, is on (except the
+    fallback student's, see above), and its masks agree because both sides start the step from the same global RNG
+    state and draw in the same order (student labelled, teacher labelled, teacher mixed, student mixed, student
+    pair); nothing else between draws from that generator (upstream's torch.rand map is answered without drawing).
+    Then every weight (the decoder's included, unchanged on both sides), every BN statistic of the student AND of
+    the teacher (moved by its two train-mode forwards), every momentum buffer and the stored r agree, and none of
+    deviations 2, 3, 4, 5, 6, 8 is recorded as a difference."""
     H.repo("MADAv2")
     from common import runtime as rt
     from common.models import DeepLabV3Plus
     from mada import semi
-    inputs = _semi_case(case)
+    from mada import train_stage2_semi as T
+    released, kind = case.startswith("released"), "fallback" if case.endswith("fallback") else "region"
+    inputs = _semi_case(kind)
+    if released:                               # the r both start from: ours' --class-conf-init rand draw
+        inputs = (*inputs[:4], T.initial_class_conf(C, "rand", SEMI["seed"]), *inputs[5:])
     xa, ya, images, anchors, r, bank, u = inputs
     student_t = H.randomize(DeepLabV3Plus(C, "resnet18"), 44)
     init = H.clone_state(student_t)
     student = H.load_strict(DeepLabV3Plus(C, "resnet18"), init)
     teacher, teacher_t = (H.load_strict(DeepLabV3Plus(C, "resnet18"), init).eval() for _ in range(2))
-    if case == "fallback":                     # twins stay twins: no dropout in the student
+    if kind == "fallback":                     # twins stay twins: no dropout in the student
         for mod in (*student_t.modules(), *student.modules()):
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
@@ -784,7 +822,7 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
         pred2 = F.interpolate(teacher(pair)["out"], size=pair.shape[-2:], mode="bilinear",
                               align_corners=True).argmax(1)[1]
     counts = torch.bincount(pred2.flatten(), minlength=C)
-    if case == "region":                       # a class whose first region's box covers 10-70% of the image
+    if kind == "region":                       # a class whose first region's box covers 10-70% of the image
         def box_share(c):
             y0, x0, y1, x1 = semi.class_box(pred2.numpy(), c, 0.005, _DrawsRng(uniforms=(0.0,) * 3))
             return (y1 - y0) * (x1 - x0) / pred2.numel() if counts[c] > 0.005 * pred2.numel() else 0.0
@@ -794,9 +832,10 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     bank[cat, SEMI["id2"]] = 1                 # the bank image holds the class (for the fallback: a stale entry)
     rt.seed_everything(SEMI["seed"])
     rng_state = rt.rng_state()
-    epoch = 50 if case == "region" else 51
-    rec_t, t = _run_semi_upstream(monkeypatch, student_t, teacher_t, inputs, cat, epoch, rng_state)
-    rec, o = _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, 0)
+    epoch = 50 if kind == "region" else 51
+    teacher_init = H.clone_state(teacher)
+    rec_t, t = _run_semi_upstream(monkeypatch, student_t, teacher_t, inputs, cat, epoch, rng_state, released)
+    rec, o = _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, rng_state, 0, released)
 
     what = f"MADAv2 step-2 iteration ({case})"
     off = "MADAv2 models/adaptation_model_AEL.py:CustomModel.step_active_stage2"
@@ -812,10 +851,10 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
               torch.tensor(lrs_t), official="MADAv2 schedulers/schedulers.py:PolynomialLR after scheduler_step")
     assert lrs == lrs_t, f"lr ours {lrs} vs upstream {lrs_t}"
     mask = semi.box_mask(o.boxes[0], *pair.shape[-2:], "cpu").long()
-    H.compare(f"{what}: CutMix mask ({'class region' if case == 'region' else 'fallback box'})", mask, t.mask[0],
+    H.compare(f"{what}: CutMix mask ({'class region' if kind == 'region' else 'fallback box'})", mask, t.mask[0],
               official="MADAv2 models/utils.py:generate_cutmix_mask")
     assert 0 < int(mask.sum()) < mask.numel()
-    assert len(o.inputs) == len(t.inputs) == (2 if case == "region" else 3)
+    assert len(o.inputs) == len(t.inputs) == (2 if kind == "region" else 3)
     for name, a, b in zip(("labelled images", "mixed images", "unlabelled pair (anchor loss)"), o.inputs, t.inputs):
         H.compare(f"{what}: student input, {name}", a, b, official=off)
     H.compare(f"{what}: mixed teacher logits", o.filtered[0][0][0], t.mixed[0][1],
@@ -838,7 +877,7 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     H.compare(f"{what}: category confidence of the student (labelled)", o.cat_conf[0], t.cat_conf[0],
               official="MADAv2 models/utils.py:cal_category_confidence")
     # -- the anchor branch
-    if case == "region":
+    if kind == "region":
         assert not o.anchor and not t.mse and t.out[3] == 0
     else:
         assert len(o.anchor) == 1 and len(t.mse) == 1
@@ -857,14 +896,21 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     H.compare(f"{what}: CutMix bank after the step", o.banks[0].long(), t.model.cutmix_bank[:, :bank.shape[1]].long(),
               official="MADAv2 models/utils.py:update_cutmix_bank")
     assert not t.model.cutmix_bank[:, bank.shape[1]:].any()
-    assert not torch.equal(o.banks[0], bank) or case == "fallback"
-    r_after = o.cons[0][0][3]
-    H.compare(f"{what}: class confidence r after the step (upstream's local update)", r_after,
+    assert not torch.equal(o.banks[0], bank) or kind == "fallback"
+    r_used, (r_stored,) = o.cons[0][0][3], o.stored_r
+    H.compare(f"{what}: class confidence r used by the step (upstream's local update)", r_used,
               0.999 * r + 0.001 * t.cat_conf[0], official=off + " (class_criterion momentum update)")
     assert torch.equal(t.model.class_criterion, t.criterion_init), "upstream keeps its stored r (deviation 3)"
-    d3 = float((r_after - r).abs().max())
-    H.record(f"{what}: stored r, ours updated vs upstream unchanged", d3, d3 / float(r.abs().max()), False,
-             official=off, note="listed deviation 3: upstream assigns the update to a local variable")
+    assert torch.equal(t.criterion_init[0], r), "upstream's r starts as ours"
+    if released:                               # --released-class-conf: ours' stored r unchanged too
+        H.compare(f"{what}: stored r after the step (--released-class-conf, --class-conf-init rand)", r_stored,
+                  t.model.class_criterion[0], official=off + " (class_criterion never reassigned)")
+        assert torch.equal(r_stored, r) and not torch.equal(r_used, r)
+    else:
+        assert torch.equal(r_stored, r_used)
+        d3 = float((r_stored - r).abs().max())
+        H.record(f"{what}: stored r, ours updated vs upstream unchanged", d3, d3 / float(r.abs().max()), False,
+                 official=off, note="listed deviation 3: upstream assigns the update to a local variable")
     # -- the SGD step: every weight and BN statistic, every momentum buffer
     in_groups = {id(p) for g in rec_t[0].optimizer.param_groups for p in g["params"]}
     left_out = [n for n, p in student_t.named_parameters() if id(p) not in in_groups]
@@ -873,17 +919,32 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     moved = max(float((after_t[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in init.items()
                 if v.is_floating_point())
     assert moved > 1e-3, f"the step hardly moved the weights ({moved:.1e} rel): the comparison would prove nothing"
-    keep = [k for k in after_t if k not in left_out]
-    H.compare_states(f"{what}: weights in upstream's groups and every BN statistic after the step",
-                     {k: after[k] for k in keep}, {k: after_t[k] for k in keep}, official=off)
+    keep = [k for k in after_t if released or k not in left_out]
+    H.compare_states(f"{what}: " + ("every weight (--released-param-groups: the decoder's unchanged on both sides) "
+                                    if released else "weights in upstream's groups ") + "and every BN statistic "
+                     "after the step", {k: after[k] for k in keep}, {k: after_t[k] for k in keep}, official=off)
     buf_t = H.state_by_name(rec_t[0].steps[0].state, student_t)
-    H.compare_states(f"{what}: SGD momentum buffers (upstream's groups)", H.state_by_name(rec[0].steps[0].state, student),
-                     buf_t, official=off)
+    H.compare_states(f"{what}: SGD momentum buffers (upstream's groups" + (", ours the same" if released else "") + ")",
+                     H.state_by_name(rec[0].steps[0].state, student), buf_t, official=off)
     assert all(torch.equal(after_t[k], init[k]) for k in left_out)
-    d2 = max(float((after[k] - init[k]).abs().max() / init[k].abs().max()) for k in left_out)
-    H.record(f"{what}: decoder / low-level projection / classifier ({len(left_out)} tensors) trained by ours only",
-             d2, d2, False, official="MADAv2 models/deeplab.py:DeepLab.optim_parameters",
-             note="listed deviation 2: upstream's groups are backbone 1x and ASPP 10x; max relative move of ours")
+    if released:
+        assert all(torch.equal(after[k], init[k]) for k in left_out)
+    else:
+        d2 = max(float((after[k] - init[k]).abs().max() / init[k].abs().max()) for k in left_out)
+        H.record(f"{what}: decoder / low-level projection / classifier ({len(left_out)} tensors) trained by ours only",
+                 d2, d2, False, official="MADAv2 models/deeplab.py:DeepLab.optim_parameters",
+                 note="listed deviation 2: upstream's groups are backbone 1x and ASPP 10x; max relative move of ours")
+    # -- the teacher after the step: released, its BN statistics moved by two train-mode forwards (labelled, mixed)
+    tch, tch_t = H.clone_state(teacher), H.clone_state(teacher_t)
+    H.compare_states(f"{what}: teacher weights and BN statistics after the step" +
+                     (" (--teacher-mode train)" if released else " (eval on both sides)"), tch, tch_t,
+                     official=off + " (PredNet.train() / eval() / train())")
+    stats = [k for k in tch if k.endswith("running_mean")]
+    moved_t = max(float((tch_t[k] - teacher_init[k]).abs().max() / teacher_init[k].abs().max()) for k in stats)
+    tracked = {int(tch_t[k] - teacher_init[k]) for k in tch if k.endswith("num_batches_tracked")}
+    assert (moved_t > 1e-3 and tracked == {2}) if released else (moved_t == 0 and tracked == {0}), (moved_t, tracked)
+    if released:
+        return                                 # deviations 5, 6, 8 are the released values here: nothing to record
     # -- the defaults of deviations 5 and 8, and the released teacher mode (deviation 6), against upstream's values
     t_mix, percent = o.filtered[0][0][:2]
     lab_high, _ = semi.entropy_filter(t_mix, percent, "high")
@@ -898,10 +959,10 @@ def test_madav2_step2_training_iteration(tmp_path, monkeypatch, case):
     H.record(f"{what}: default --cons-norm valid vs upstream's normalisation over ignored pixels too", d8,
              d8 / abs(float(t.cons[1][1])), False, official="MADAv2 loss/loss.py:Criterion_cons",
              note="listed deviation 8: the mixed-image consistency loss")
-    released = copy.deepcopy(teacher).train()
+    train_mode = copy.deepcopy(teacher).train()
     with torch.no_grad():
         rt.set_rng_state(rng_state)
-        lg_train, lg_eval = released(xa)["out"], teacher(xa)["out"]
+        lg_train, lg_eval = train_mode(xa)["out"], teacher(xa)["out"]
     d6 = float((lg_train - lg_eval).abs().max())
     H.record(f"{what}: teacher logits on the labelled images, released train mode vs frozen eval", d6,
              d6 / float(lg_eval.abs().max()), False, official=off + " (PredNet.train() in train / the step)",
