@@ -17,6 +17,8 @@ Budgets and strategies (the benchmark's rows), oracle (100% target labels), sour
     python ssada/train_ssada.py --source-only --out runs/ssada/source
 One joint training pass over all views instead of upstream's two (BN statistics over the joint batch; faster):
     python ssada/train_ssada.py --forward joint
+Upstream's released lr (its schedule is attached to an optimiser it never steps: every lr stays constant):
+    python ssada/train_ssada.py --lr-schedule constant
 GTA5 -> Cityscapes, BiSeNetV1-R18 (ImageNet weights), 200 epochs, rounds at 20/40/60 (25% of the images):
     python ssada/train_ssada.py --source gta5 --source-root /data/GTA5 --target cityscapes \
         --target-root /data/cityscapes --init /weights/resnet18-f37072fd.pth --total-ratio 0.25
@@ -101,6 +103,10 @@ def parse_args(argv=None):
                    help="two: upstream's two training passes (source + labeled + weak with the feature perturbation, "
                    "then the two strong views; one backward of the sum); joint: one pass over all views (BN "
                    "statistics over the joint batch; the default before issue 27)")
+    g.add_argument("--lr-schedule", default="warmup_poly", choices=["warmup_poly", "constant"],
+                   help="warmup_poly: --warmup linear iterations then poly 0.9 on the optimiser that is stepped; "
+                   "constant: upstream's released behaviour (its scheduler steps a second, never-stepped optimiser): "
+                   "every group keeps its initial lr (base, FFM and heads 10x) for the whole run")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--log-every", type=int, default=20, help="log line every N iterations")
@@ -268,7 +274,10 @@ def main(args):
                      "labeled": len(labeled), "labeled_ratio": len(labeled) / n_pool})
             lab_batches, unl_batches = target_loaders(it)
         # -- end of method --
-        lr = rt.set_lr(optimizer, warmup_poly_lr(args.lr, it, args.iters, args.warmup))
+        # constant (released, ss_ada_bisenetv1_single.py:146, :201-202, :380): the scheduler drives a second
+        # optimiser, never stepped; the stepped one keeps its initial lrs (util/scheduler.py:200, :296 touch the 2nd)
+        lr = rt.set_lr(optimizer, args.lr if args.lr_schedule == "constant" else
+                       warmup_poly_lr(args.lr, it, args.iters, args.warmup))
         batch = next(batches)
         x, y = rt.to_device(batch["image"], device, amp), batch["label"].to(device)
         hw = y.shape[-2:]

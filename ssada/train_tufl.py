@@ -16,6 +16,7 @@ Toy domains (no arguments: toy Cityscapes-style source -> toy CrossCity-style ta
     python ssada/train_tufl.py
 Adaptive thresholds:
     python ssada/train_tufl.py --thresholds adaptive --out runs/ssada/tufl_adaptive
+    python ssada/train_tufl.py --thresholds adaptive --shared-thresholds   # one vector for the 3 heads (upstream)
 Cityscapes -> Rio, from a Cityscapes BiSeNet (the README's command: 2k iters, lr 0.5e-5, frozen BN); TUFL's
 released pretrained/cityscapes.pth is read directly (format auto-detected, ssada/releases.py):
     python ssada/train_tufl.py --source cityscapes --source-root /data/cityscapes --target crosscity \
@@ -99,6 +100,9 @@ def parse_args(argv=None):
     g.add_argument("--adapt-a", type=float, default=0.9, help="EMA factor of the adaptive thresholds")
     g.add_argument("--adapt-b", type=float, default=0.8, help="rank fraction of the adaptive thresholds")
     g.add_argument("--adapt-d", type=float, default=8.0, help="exponent on tau_c in the rank")
+    g.add_argument("--shared-thresholds", action="store_true",
+                   help="adaptive tau: one threshold vector for the three heads, updated by the main, 1/16 and 1/32 "
+                   "heads in turn (upstream's one criterion); default one vector per head")
     g.add_argument("--freeze-bn", type=int, default=None, choices=[0, 1], help="BN in eval mode while adapting")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4, help="on conv weights only (none on BN and biases)")
@@ -182,6 +186,8 @@ def main(args):
     scaler = rt.grad_scaler(device, amp)
     thresholds = [AdaptiveThresholds(args.num_classes, args.tau, args.adapt_a, args.adapt_b, args.adapt_d)
                   for _ in range(3)]  # one per head
+    if args.shared_thresholds:  # released: unsup/train_step.py:139, :143-144 call one criteria_unsup for the 3 heads
+        thresholds = thresholds[:1] * 3  # the same object: updated by out, aux16, aux32 in turn
     start, best = 0, {"mIoU": -1.0}
     if args.resume and (out / "checkpoint.pth").exists():
         ck = rt.load_checkpoint(out / "checkpoint.pth")

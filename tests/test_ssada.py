@@ -385,6 +385,18 @@ def test_train_ssada_forward_joint_pass(tmp_path, tiny, ssada_run):
     assert two["loss"] != joint["loss"] and abs(two["loss"] - joint["loss"]) < 0.5 * two["loss"]
 
 
+def test_train_ssada_lr_schedule_constant_keeps_the_initial_lrs(tmp_path, tiny, ssada_run):
+    """--lr-schedule constant (upstream's released behaviour: its warm-up + poly scheduler drives an optimiser that
+    is never stepped): the stepped optimiser's lr read back is the base lr at every iteration, where the default's
+    (same arguments) follows the warm-up from 0."""
+    out = tmp_path / "constant"
+    run_script("ssada/train_ssada.py", *ssada_args(tiny), *BUDGET, "--lr-schedule", "constant", "--stop-iter", "2",
+               "--out", out)
+    const = [r["lr_read"] for r in _log(out) if "lr_read" in r]
+    sched = [r["lr_read"] for r in _log(ssada_run[0]) if "lr_read" in r][:2]
+    assert const == [0.02, 0.02] and sched == [0.0, pytest.approx(0.02 / 3, abs=1e-12)]
+
+
 def test_train_ssada_at_100_percent_labels(tmp_path, tiny):
     out = tmp_path / "full"
     p = run_script("ssada/train_ssada.py", *ssada_args(tiny), "--init-ratio", "1", "--total-ratio", "1",
@@ -406,6 +418,7 @@ def test_train_tufl_end_to_end_adaptive(tmp_path, tiny):
     assert (out / "source_model.pth").exists() and (out / "model.pth").exists()
     rep = json.loads((out / "final.json").read_text())
     assert len(rep["adaptive_tau"]) == 3 and rep["last"]["mIoU13"] == rep["last"]["mIoU"]
+    assert rep["adaptive_tau"][0] != rep["adaptive_tau"][1] != rep["adaptive_tau"][2]  # one vector per head
     assert any(r.get("phase") == "adapt" and "tau_mean" in r for r in _log(out))
     ev = tmp_path / "ev"
     run_script("ssada/test.py", "--checkpoint", out / "source_model.pth", "--target", "toy_crosscity",
@@ -413,6 +426,19 @@ def test_train_tufl_end_to_end_adaptive(tmp_path, tiny):
                "--save-predictions", "0")
     rep = json.loads((ev / "final.json").read_text())
     assert rep["images"] == 4 and "mIoU13" in rep["last"]
+
+
+def test_train_tufl_shared_thresholds(tmp_path, tiny):
+    """--shared-thresholds (upstream's one AdaptUnsupFocalLoss for the three heads): one threshold vector, moved by
+    the three heads' updates (3 per iteration), where the default keeps one per head
+    (test_train_tufl_end_to_end_adaptive: three different vectors)."""
+    out = tmp_path / "tufl_shared"
+    run_script("ssada/train_tufl.py", "--source", "toy_cityscapes", "--source-root", tiny["cs"],
+               "--target", "toy_crosscity", "--target-root", tiny["cc"], "--crop-size", "32,64",
+               "--source-iters", "0", "--iters", "1", "--batch-size", "2", "--workers", "0",
+               "--thresholds", "adaptive", "--shared-thresholds", "--out", out)
+    tau = json.loads((out / "final.json").read_text())["adaptive_tau"]
+    assert len(tau) == 3 and tau[0] == tau[1] == tau[2] and any(abs(t - 0.8) > 1e-6 for t in tau[0])
 
 
 def test_train_ssada_under_torchrun_selects_one_labeled_set(tmp_path, tiny, ssada_run):

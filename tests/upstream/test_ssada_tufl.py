@@ -3,15 +3,17 @@ and TUFL (ywher/TUFL @ e84db35) code (tests/upstream/README.md): the per-image a
 calculate_confidence, AC_Sample.calculate_iou_score, then np.mean per image), THE SELECTED IMAGES
 (AC_Sample.update_labeled_unlabeled driven with those scores), the IoU-based class weights
 (AC_Sample.generate_class_weights_2), and TUFL's UnsupFocalLoss (fixed tau) and AdaptUnsupFocalLoss (adaptive tau, two
-calls: the thresholds carried over) forward and gradient, the shared-threshold deviation shown exactly, and one TUFL
-training iteration (train_step.unsup_step + backward + utils/optimizer.py:Optimizer.step on TUFL's BiSeNet with a
+calls: the thresholds carried over) forward and gradient, the shared-threshold deviation shown exactly (and reproduced
+by --shared-thresholds), and one TUFL training iteration (train_step.unsup_step + backward +
+utils/optimizer.py:Optimizer.step on TUFL's BiSeNet with a
 CPU stand-in for inplace_abn, vs ssada/train_tufl.py main(): every weight, BN statistic and momentum buffer). CPU, fp32.
 Run: SEGDA_UPSTREAM=DIR python -m pytest -q tests/upstream/test_ssada_tufl.py -m upstream
 
 SS-ADA's supervised criterion (util/ohem.py:ProbOhemCrossEntropy2d with the IoU class weights, min_kept 0 included)
 and class-threshold pseudo-label mask (util/functions.py:generate_confidence_mask) forward and gradient; the warm-up +
 poly scheduler (util/scheduler.py:WarmupLRScheduler; the listed deviation that upstream never applies it to the
-stepped optimiser, recorded); and ONE SS-ADA TRAINING ITERATION: ss_ada_bisenetv1_single.py's own main() (only at
+stepped optimiser, recorded, and reproduced by --lr-schedule constant over three iterations of upstream's main():
+test_ssada_released_lr_sequence); and ONE SS-ADA TRAINING ITERATION: ss_ada_bisenetv1_single.py's own main() (only at
 commit a02e3d8, "upload ss_ada_training"; removed again in c063310, so not in the 483e335 checkout) driven for one
 iteration after an active round, against ssada/train_ssada.py main() with --forward two: every head's upsampled
 logits, the six OHEM terms, the pseudo labels, confidences and masks of the weak, CutMixed strong and
@@ -24,6 +26,7 @@ and update_labeled_unlabeled runs with rank 1 (the selection itself; rank 0 only
 ground truth). When OpenCV is absent, `cv2` is a stand-in module (util/functions.py imports it at module level to
 write PNGs, never called here).
 """
+import json
 import os
 import sys
 import types
@@ -212,13 +215,15 @@ def _tufl_batch(seed):
     return x, y, xt, s1
 
 
-def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=0.0):
+def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=0.0, shared=False):
     """Upstream: BiSeNet(13, sup_mode='deep') (random weights), get_loss / get_optim / train_step with the README's
     focal (or adapt_focal) arguments, then train_paste.train()'s loop body for iteration 0: unsup_step(...),
     loss.backward(), optim.step(). train() itself is not run: it opens an NCCL process group and wraps the nets in
     DistributedDataParallel (nothing else in the loop body is skipped: no paste mode). perturb: the inputs scaled by
     1 + perturb (to measure upstream's own fp32 noise). The second view's logits
-    are aligned by perform_affine_tf with a horizontal flip matrix (ours mirrors; the README lists it)."""
+    are aligned by perform_affine_tf with a horizontal flip matrix (ours mirrors; the README lists it). Adaptive tau:
+    shared=True runs upstream as released (one AdaptUnsupFocalLoss for the three heads), False gives each head its
+    own copy (our default). Returns also the threshold vectors after the step, one per head."""
     x, y, xt, s1 = _tufl_batch(5)
     x, xt, s1 = x * (1 + perturb), xt * (1 + perturb), s1 * (1 + perturb)
     abn = types.ModuleType("inplace_abn")
@@ -242,7 +247,8 @@ def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=0.0):
             soft_weight=0.8, momentum=0.9, weight_decay=5e-4, lr_start=TUFL_LR, max_iter=2000, lr_power=0.9,
             warm_up_ratio=0.0, warmup_start_lr=1e-5, tensorboard=False)
         crit_p, crit_u, crit_paste = get_loss(args, TUFL_HW, 13)
-        if thresholds == "adaptive":  # one threshold vector per head (a listed deviation; the next test shows it)
+        heads = [crit_u] * 3
+        if thresholds == "adaptive" and not shared:  # one threshold vector per head (our default, a listed deviation)
             import copy
             heads = [crit_u, copy.deepcopy(crit_u), copy.deepcopy(crit_u)]
             calls = iter(range(3))
@@ -255,13 +261,15 @@ def _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=0.0):
                                    None, None, None, None, optim, net, None)
         loss.backward()
         optim.step()
-    return net, init, rec, float(loss.detach())
+    taus = [h.cls_thresh.clone() for h in heads] if thresholds == "adaptive" else None
+    return net, init, rec, float(loss.detach()), taus
 
 
-def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn):
+def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn, extra=()):
     """Ours: ssada/train_tufl.py main() in-process for one adaptation iteration (--init-from: the upstream initial
     weights through ssada.releases.from_tufl), the same batch; data,
-    evaluation and checkpoint writing patched out."""
+    evaluation and checkpoint writing patched out. extra: more arguments (--shared-thresholds). Returns also the loss
+    of the step and the adaptive threshold vectors after it (final.json), one per head."""
     import common.runtime as rt
     from ssada import releases, train_tufl
     from common.bisenet import BiSeNetV1
@@ -274,10 +282,11 @@ def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn):
     (tmp_path / "init.pth").touch()
     args = train_tufl.parse_args(
         ["--source", "cityscapes", "--source-root", str(tmp_path), "--target", "crosscity", "--target-root",
-         str(tmp_path), "--init-from", str(tmp_path / "init.pth"), "--out", str(tmp_path / "ours"), "--iters", "2000",
+         str(tmp_path), "--init-from", str(tmp_path / "init.pth"), "--out", str(tmp_path / f"ours{''.join(extra)}"),
+         "--iters", "2000",
          "--stop-iter", "1", "--batch-size", "1", "--amp", "off", "--device", "cpu", "--workers", "0",
          "--crop-size", f"{TUFL_HW[0]},{TUFL_HW[1]}", "--lr", str(TUFL_LR), "--thresholds", thresholds,
-         "--freeze-bn", str(int(freeze_bn)), "--eval-every", "1000", "--save-every", "1000"])
+         "--freeze-bn", str(int(freeze_bn)), "--eval-every", "1000", "--save-every", "1000", *extra])
     with monkeypatch.context() as m:
         m.setattr(train_tufl, "load_segmenter", lambda *a, **k: (model, dict(cfg), "tufl"))
         m.setattr(train_tufl, "resolve_domain", lambda name, root, role: (name, "real", root))
@@ -289,70 +298,113 @@ def _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn):
             m.setattr(train_tufl, name, lambda *a, **k: {"mIoU": 0.0, "per_class": {}})
         m.setattr(rt, "check_inputs", lambda *a, **k: None)
         m.setattr(rt, "save_checkpoint", lambda *a, **k: None)
-        rec = H.record_steps(m, watch=[model])
+        loss = []
+        rec = H.record_steps(m, watch=[model], after=lambda r, k: loss.append(
+            _frame_locals("main", "train_tufl.py")["loss"]))
         train_tufl.main(args)
-    return model, rec
+    taus = json.loads((tmp_path / f"ours{''.join(extra)}" / "final.json").read_text())["adaptive_tau"]
+    return model, rec, loss[0], torch.tensor(taus, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("thresholds,freeze_bn", [("fixed", True), ("adaptive", True), ("fixed", False)])
-def test_tufl_training_iteration(monkeypatch, tmp_path, thresholds, freeze_bn):
+TUFL_CASES = {"fixed-True": ("fixed", True, False), "adaptive-True": ("adaptive", True, False),
+              "adaptive-shared-True": ("adaptive", True, True), "fixed-False": ("fixed", False, False)}
+
+
+def _tufl_after(rec, abn):
+    """An upstream step's weights and BN statistics in our names (an InPlaceABN scale |w| + eps: see below)."""
+    from ssada import releases
+    after = rec[0].steps[0].modules[0]
+    sd = releases.bisenet_to_ours({k: v + releases.ABN_EPS if k in abn else v for k, v in after.items()})
+    return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # inplace_abn has none
+
+
+@pytest.mark.parametrize("case", list(TUFL_CASES))
+def test_tufl_training_iteration(monkeypatch, tmp_path, case):
     """One adaptation iteration (README command: focal, tau 0.8, gamma 2, lambda_u 0.08, frozen BN, no warm-up;
     also adapt_focal b 0.8, and BN in training mode) from the same random weights on the same source batch and
-    target views: every weight and BN statistic after the step (upstream's through ssada.releases.from_tufl),
-    every momentum buffer, and the four groups' learning rates == ours. Adaptive: upstream's one threshold vector
-    shared by the three heads is given one criterion per head (our listed deviation; test_tufl_shared_thresholds
-    shows it)."""
+    target views: the loss, every weight and BN statistic after the step (upstream's through
+    ssada.releases.from_tufl), every momentum buffer, the four groups' learning rates, and with adaptive tau the
+    threshold vectors after the step == ours. Adaptive: `adaptive-True` gives upstream one criterion per head (our
+    default, a listed deviation); `adaptive-shared-True` runs upstream's released single criterion (one threshold
+    vector updated by the three heads in turn) against ours with --shared-thresholds, and records our default's
+    difference from it. A weight or buffer off by more than 1e-5 is held instead to upstream's own fp32 noise on it
+    (below)."""
     from ssada import releases
-    net, init, rec_t, loss_t = _run_tufl_upstream(monkeypatch, thresholds, freeze_bn)
-    model, rec = _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn)
+    thresholds, freeze_bn, shared = TUFL_CASES[case]
+    flag = ("--shared-thresholds",) if shared else ()
+    net, init, rec_t, loss_t, tau_t = _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, shared=shared)
+    model, rec, loss_o, tau_o = _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn, flag)
     off = "TUFL unsup/train_step.py:train_step.unsup_step + utils/optimizer.py:Optimizer.step"
-    what = f"TUFL {thresholds} tau, {'frozen' if freeze_bn else 'training'} BN"
+    what = f"TUFL {thresholds} tau{' ' + flag[0] if flag else ''}, {'frozen' if freeze_bn else 'training'} BN"
     assert len(rec) == 1 and len(rec[0].steps) == 1 and len(rec_t[0].steps) == 1
     H.compare(f"{what}: SGD group learning rates", torch.tensor(sorted(rec[0].lrs[0])),
               torch.tensor(sorted(rec_t[0].lrs[0])), official=off)
+    H.compare(f"{what}: loss", loss_o, torch.tensor(loss_t), official=off)
+    if thresholds == "adaptive":
+        assert shared == all(t is tau_t[0] or torch.equal(t, tau_t[0]) for t in tau_t)
+        H.compare(f"{what}: threshold vectors after the step (out, aux16, aux32)", tau_o, torch.stack(tau_t),
+                  official=off + " (utils/loss.py:AdaptUnsupFocalLoss.ias_thresh)")
     # An InPlaceABN's scale is |w| + eps; from positive initial w (asserted) a step gives w' = w - lr g, which our
     # BatchNorm (weight |w| + eps) meets as w' + eps: the sign is kept (from_tufl's abs is for a file, where a
     # negative w means the scale |w|; a large step here can carry w below 0 while ours goes negative too).
     after = rec_t[0].steps[0].modules[0]
     abn = [k for k in after if k.endswith(".weight") and k[:-6] + "running_mean" in after]
     assert all(bool((init[k] > 0).all()) for k in abn)
-    sd_t = releases.bisenet_to_ours({k: v + releases.ABN_EPS if k in abn else v for k, v in after.items()})
+    sd_t = _tufl_after(rec_t, abn)
     ours_sd = rec[0].steps[0].modules[0]
     ours_sd = {k: v for k, v in ours_sd.items() if not k.endswith("num_batches_tracked")}  # inplace_abn has none
-    sd_t = {k: v for k, v in sd_t.items() if not k.endswith("num_batches_tracked")}
-    H.compare_states(f"{what}: weights and BN statistics after the step", ours_sd, sd_t, official=off)
     name = {id(p): releases._rename(n) for n, p in net.named_parameters()}
     buf_t = {f"{name[i]}:{k}": v for i, s in rec_t[0].steps[0].state.items() for k, v in s.items()}
     buf = H.state_by_name(rec[0].steps[0].state, model)
-    # A buffer off by more than 1e-5 is held instead to upstream's own fp32 noise on it: the same upstream step on
-    # the inputs scaled by 1 + 1e-7. With frozen BN the random running statistics saturate the FFM's sigmoid
+    # A weight or buffer off by more than 1e-5 is held instead to upstream's own fp32 noise on it: the same upstream
+    # step on the inputs scaled by 1 + 1e-7. With frozen BN the random running statistics saturate the FFM's sigmoid
     # attention and its weights' gradients come out of cancellation: measured, upstream's own ffm.conv1/conv2
-    # buffers move by 1e-4 relative under that perturbation, ours are 1.1e-5 from them. Each such buffer is named
-    # in the record's note with its noise; every other buffer is held to 1e-5.
-    rel = {k: float((buf[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)) for k, v in buf_t.items()}
-    noise, ill = {}, set()
-    if any(r > H.RTOL for r in rel.values()):
-        net_p, _, rec_p, _ = _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=1e-7)
+    # buffers move by 1e-4 relative under that perturbation, ours are 1.1e-5 from them (and, with one thread, the
+    # weights ffm.atten.0/2 1.9e-5 from upstream's). Each such tensor is named in the record's note with its noise;
+    # every other one is held to 1e-5.
+    relt = lambda a, b: {k: float((a[k] - v).abs().max() / v.abs().max().clamp(min=1e-30))
+                         for k, v in b.items() if v.is_floating_point()}
+    rel_w, rel = relt(ours_sd, sd_t), relt(buf, buf_t)
+    noise_w, noise = {}, {}
+    if any(r > H.RTOL for r in [*rel_w.values(), *rel.values()]):
+        net_p, _, rec_p, _, _ = _run_tufl_upstream(monkeypatch, thresholds, freeze_bn, perturb=1e-7, shared=shared)
         name_p = {id(p): releases._rename(n) for n, p in net_p.named_parameters()}
         buf_p = {f"{name_p[i]}:{k}": v for i, s in rec_p[0].steps[0].state.items() for k, v in s.items()}
         noise = {k: float((buf_p[k] - buf_t[k]).abs().max() / buf_t[k].abs().max()) for k in rel if rel[k] > H.RTOL}
-        ill = set(noise)
-    H.compare_states(f"{what}: SGD momentum buffers", buf, {k: v for k, v in buf_t.items() if k not in ill},
-                     names={k: k for k in buf_t if k not in ill}, official=off,
-                     note=f"{len(ill)} buffers off by more than 1e-5 compared to their noise in the next row")
-    if ill:
-        H.compare_states(f"{what}: SGD momentum buffers off by > 1e-5, each held to upstream's own fp32 noise",
-                         buf, {k: buf_t[k] for k in ill}, names={k: k for k in ill}, rtol=max(noise.values()),
-                         official=off, note="; ".join(f"{k}: {rel[k]:.2e} off, noise {noise[k]:.1e}" for k in sorted(ill)))
-        assert all(rel[k] <= noise[k] for k in ill), {k: (rel[k], noise[k]) for k in ill}
+        sd_p = _tufl_after(rec_p, abn)
+        noise_w = {k: float((sd_p[k] - sd_t[k]).abs().max() / sd_t[k].abs().max()) for k in rel_w
+                   if rel_w[k] > H.RTOL}
+    for kind, o, t, r, nz in (("weights and BN statistics after the step", ours_sd, sd_t, rel_w, noise_w),
+                              ("SGD momentum buffers", buf, buf_t, rel, noise)):
+        H.compare_states(f"{what}: {kind}", o, {k: v for k, v in t.items() if k not in nz},
+                         names={k: k for k in t if k not in nz}, official=off,
+                         note=f"{len(nz)} tensors off by more than 1e-5 compared to their noise in the next row")
+        if nz:
+            H.compare_states(f"{what}: {kind} off by > 1e-5, each held to upstream's own fp32 noise", o,
+                             {k: t[k] for k in nz}, names={k: k for k in nz}, rtol=max(nz.values()), official=off,
+                             note="; ".join(f"{k}: {r[k]:.2e} off, noise {nz[k]:.1e}" for k in sorted(nz)))
+            assert all(r[k] <= nz[k] for k in nz), {k: (r[k], nz[k]) for k in nz}
+    if shared:  # our default (one vector per head) against upstream's released shared vector: recorded
+        _, rec_d, loss_d, tau_d = _run_tufl_ours(monkeypatch, tmp_path, init, thresholds, freeze_bn)
+        sd_d = {k: v for k, v in rec_d[0].steps[0].modules[0].items() if not k.endswith("num_batches_tracked")}
+        worst = max((r, k) for k, r in relt(sd_d, sd_t).items())
+        for n, o, t, note in (("threshold vectors after the step", tau_d, torch.stack(tau_t), ""),
+                              ("loss", loss_d, torch.tensor(loss_t), ""),
+                              ("weights after the step", None, None, f"worst at {worst[1]}")):
+            d, r, _ = H._measure(o, t) if o is not None else (None, worst[0], False)
+            H.record(f"{what}: our default (one vector per head) vs upstream's shared vector: {n} (listed deviation)",
+                     d, r, False, official=off, note=note or "one threshold vector per head here, shared upstream")
+        assert H._measure(tau_d, torch.stack(tau_t))[1] > H.RTOL
 
 
 def test_tufl_shared_thresholds():
-    """The listed deviation 'TUFL adaptive thresholds' (README deviations table), shown exactly: upstream's
-    unsup_step calls ONE AdaptUnsupFocalLoss for the main, 1/16 and 1/32 heads, so its per-class thresholds are
-    updated three times per step, each head seeing the previous head's update; ours keep one vector per head. On the
-    same three heads' logits: the main head's thresholds and loss are equal; the 1/16 and 1/32 heads' differ by the
-    recorded amount (not asserted equal); with one upstream criterion per head every head is equal."""
+    """The listed deviation 'TUFL adaptive thresholds' (README deviations table) and its flag, shown exactly:
+    upstream's unsup_step calls ONE AdaptUnsupFocalLoss for the main, 1/16 and 1/32 heads, so its per-class thresholds
+    are updated three times per step, each head seeing the previous head's update. On the same three heads' logits:
+    --shared-thresholds (train_tufl.py: one AdaptiveThresholds object for the three heads, updated in head order) ==
+    upstream's shared criterion after each update (thresholds and loss); our default (one vector per head) == one
+    upstream criterion per head, and its difference from the shared criterion at the 1/16 and 1/32 heads is recorded
+    (not asserted equal; the main head, updated first, is equal)."""
     C13 = 13
     w = torch.tensor(losses.TUFL_CLASS_WEIGHTS["middle"])
     heads = [_tufl_views(20 + h) for h in range(3)]
@@ -366,11 +418,19 @@ def test_tufl_shared_thresholds():
         for h, (a, b) in enumerate(heads):
             t_shared.append((shared(a, b, None, 0)[0], shared.cls_thresh.clone()))
             t_own.append((own[h](a, b, None, 0)[0], own[h].cls_thresh.clone()))
+    new = lambda: losses.AdaptiveThresholds(C13, 0.8, a=0.9, b=0.8, d=8.0)
+    one = new()  # --shared-thresholds: train_tufl.py's thresholds = [one] * 3
     for h, (a, b) in enumerate(heads):
-        thr = losses.AdaptiveThresholds(C13, 0.8, a=0.9, b=0.8, d=8.0)
+        head = ("main", "1/16", "1/32")[h]
+        tau_s = one.update(torch.softmax(a, 1))
+        lo_s, _ = losses.unsup_focal_loss(a, b, gamma=2.0, thresh=tau_s, focal_type=1, weight=w)
+        H.compare(f"{head} head, --shared-thresholds vs upstream's shared criterion: thresholds", one.tau,
+                  t_shared[h][1], official=off)
+        H.compare(f"{head} head, --shared-thresholds vs upstream's shared criterion: loss", lo_s, t_shared[h][0],
+                  official=off)
+        thr = new()  # the default: one vector per head
         tau = thr.update(torch.softmax(a, 1))
         lo, _ = losses.unsup_focal_loss(a, b, gamma=2.0, thresh=tau, focal_type=1, weight=w)
-        head = ("main", "1/16", "1/32")[h]
         H.compare(f"{head} head, one criterion per head: thresholds", thr.tau, t_own[h][1], official=off)
         H.compare(f"{head} head, one criterion per head: loss", lo, t_own[h][0], official=off)
         if h == 0:
@@ -380,7 +440,8 @@ def test_tufl_shared_thresholds():
             for what, o, t in (("thresholds", thr.tau, t_shared[h][1]), ("loss", lo, t_shared[h][0])):
                 d, r, _ = H._measure(o, t)
                 H.record(f"{head} head vs upstream's shared criterion: {what} (listed deviation)", d, r, False,
-                         official=off, note="one threshold vector per head here, shared by the three heads upstream")
+                         official=off, note="one threshold vector per head here (the default), shared by the three "
+                         "heads upstream (--shared-thresholds)")
                 assert r > H.RTOL, f"{head} {what}: expected the shared-vector difference"
 
 
@@ -455,7 +516,8 @@ def test_ssada_warmup_poly_schedule():
     whole short schedule on a throw-away optimiser == our warmup_poly_lr at every iteration, for each lr group (base
     and 10x). The listed deviation 'lr schedule' is recorded: ss_ada_bisenetv1_single.py:201-202 attaches this
     scheduler to `optimizer_start`, which is never stepped, so the lr of the stepped optimiser stays at the base lr
-    (what the training-iteration test below sees); ours schedules the stepped one."""
+    (what the training-iteration test below sees); ours schedules the stepped one (--lr-schedule constant does as
+    upstream: test_ssada_released_lr_sequence)."""
     total, warmup, base = 50, 10, 0.05
     with H.upstream("SS-ADA-train"):
         sch = __import__("util.scheduler", fromlist=["x"])
@@ -543,7 +605,7 @@ def _frame_locals(name, filename):
     return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in f.f_locals.items()}
 
 
-def _run_ssada_upstream(monkeypatch, tmp_path, case):
+def _run_ssada_upstream(monkeypatch, tmp_path, case, iters=1, warmup=None):
     """Upstream: ss_ada_bisenetv1_single.py main() itself, for one epoch of one iteration that starts with an active
     round, with the released config file (configs/parking_bev2024_acda_bisenetv1_single.yaml) changed only in the
     data sizes, the case's loss switches, and a round at epoch 0 (so that the IoU class weights and class thresholds
@@ -553,14 +615,17 @@ def _run_ssada_upstream(monkeypatch, tmp_path, case):
     selection is compared in test_acquisition_scores_and_selected_images), the model constructor -> the real
     BiSeNetV1, randomised, Resnet18.init_weight (reads ImageNet weights from disk) -> no-op, the end-of-epoch
     validation -> the real evaluate_single_gpu on a list holding one batch (its DataLoader has a worker process),
-    torch.utils.tensorboard -> a stand-in (not installed), the loader iterator's Python 2 `.next()` -> __next__."""
+    torch.utils.tensorboard -> a stand-in (not installed), the loader iterator's Python 2 `.next()` -> __next__.
+    iters > 1: that many epochs of one iteration (the same batches each epoch; the round only at epoch 0); warmup:
+    the config's lr_scheduler warmup_iters (1000) replaced. out.sched: the lrs of `optimizer_start` (the scheduled,
+    never-stepped optimiser) at each step of the stepped one."""
     import yaml
     src, tl, unl = _ssada_batches()
     val = _ssada_val()
     base = H.repo("SS-ADA-train")
     cfg = yaml.load(open(base / "configs/parking_bev2024_acda_bisenetv1_single.yaml"), Loader=yaml.Loader)
     cfg.update(dataset="acdc", nclass=C,  # a 19-class dataset validated in "original" (whole-image) mode
-               crop_size=list(SS_HW), n_sample=SS_POOL, workers=0, epochs=1,
+               crop_size=list(SS_HW), n_sample=SS_POOL, workers=0, epochs=iters,
                batch_size=SS_B, data_root=str(tmp_path), data_list=str(tmp_path / "labeled.txt"),
                conf_thresh=case["conf_thresh"])
     cfg["source"].update(type="gtav", data_root=str(tmp_path), data_list=str(tmp_path / "src.txt"))
@@ -568,6 +633,8 @@ def _run_ssada_upstream(monkeypatch, tmp_path, case):
     cfg["criterion"]["kwargs"]["min_kept"] = case["min_kept"]
     cfg["mask_ratio"]["use_class_threshold"] = case["class_threshold"]
     cfg["active"].update(init_ratio=0.1, total_ratio=0.3, sample_epoch=[0])
+    if warmup is not None:
+        cfg["lr_scheduler"]["warmup_iters"] = warmup
     (tmp_path / "cfg.yaml").write_text(yaml.dump(cfg))
     monkeypatch.setattr(sys, "argv", ["ss_ada_bisenetv1_single.py", "--config", str(tmp_path / "cfg.yaml"),
                                       "--save-path", str(tmp_path / "upstream")])
@@ -584,8 +651,10 @@ def _run_ssada_upstream(monkeypatch, tmp_path, case):
              "val": [(val[0][0], val[1][0], "v0")]}
     # lengths: one labelled batch (zip stops after it: one iteration); 8 unlabeled batches, as the loop's log line
     # divides by max(len(trainloader_u), len(trainloader_l)) // 8 (only the first two are drawn: own, partners)
-    fakes = {m: H.fake_dataset(v, length={"train_u": 8 * SS_B, "val": 1}.get(m, SS_B)) for m, v in items.items()}
-    out = types.SimpleNamespace(watch=[], drops=[], ohem=[], evals=[], locals=None)
+    # the source: one iterator for the whole run (trainloader_s_iter), a batch per iteration
+    fakes = {m: H.fake_dataset(v, length={"train_u": 8 * SS_B, "val": 1, "source": iters * SS_B}.get(m, SS_B))
+             for m, v in items.items()}
+    out = types.SimpleNamespace(watch=[], drops=[], ohem=[], evals=[], locals=None, sched=[])
     with H.upstream("SS-ADA-train"), monkeypatch.context() as m:
         resnet = __import__("model.backbone.resnet18", fromlist=["x"])
         m.setattr(resnet.Resnet18, "init_weight", lambda self: None)
@@ -641,8 +710,10 @@ def _run_ssada_upstream(monkeypatch, tmp_path, case):
         script_iou = script.intersectionAndUnion_gpu
         m.setattr(script, "evaluate_single_gpu", evaluate)
         _fixed_dropout(m, out.drops)
-        rec = H.record_steps(m, watch=out.watch, after=lambda r, k: setattr(
-            out, "locals", _frame_locals("main", "ss_ada_bisenetv1_single.py")))
+        def after(r, k):
+            out.locals = _frame_locals("main", "ss_ada_bisenetv1_single.py")
+            out.sched.append([g["lr"] for g in out.locals["optimizer_start"].param_groups])
+        rec = H.record_steps(m, watch=out.watch, after=after)
         try:
             script.main()
         finally:
@@ -651,7 +722,7 @@ def _run_ssada_upstream(monkeypatch, tmp_path, case):
                 logging.getLogger("global").removeHandler(h)
                 h.close()
     out.rec = [r for r in rec if r.steps]  # the stepped optimiser (optimizer_start is never stepped)
-    assert len(rec) == 2 and len(out.rec) == 1 and len(out.rec[0].steps) == 1
+    assert len(rec) == 2 and len(out.rec) == 1 and len(out.rec[0].steps) == iters
     out.net = out.watch[0]
     return out
 
@@ -681,12 +752,13 @@ class _OurPool:
         return self.items[i]
 
 
-def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two"):
+def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two", iters=1, extra=()):
     """Ours: ssada/train_ssada.py main() in-process for one iteration (one epoch of one iteration, a round at epoch 0
     whose class IoUs are SS_IOU: active_round patched, as upstream's), from upstream's initial weights
     (ssada.releases.bisenet_to_ours, strict), the same batches (infinite_loader patched to serve them; the unlabeled
     loader's 2B images: the first B trained on, the last B their CutMix partners), warm-up 0 (upstream's stepped
-    optimiser runs at the base lr: listed deviation). The round's pictures and checkpoint files are patched out."""
+    optimiser runs at the base lr: listed deviation). The round's pictures and checkpoint files are patched out.
+    iters > 1: that many epochs of one iteration on the same batches; extra: more arguments (the last one wins)."""
     import common.runtime as rt
     from common import evaluate as common_eval
     from common.bisenet import BiSeNetV1
@@ -703,7 +775,7 @@ def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two"):
 
     def loader(ds, *a, **k):
         which = "source" if not hasattr(ds, "dataset") else "labeled" if ds.dataset is fake_l else "unlabeled"
-        return iter([batches[which]])
+        return iter([batches[which]] * iters)
 
     out = types.SimpleNamespace(drops=[], ohem=[], evals=[], locals=None, rounds=0)
 
@@ -727,13 +799,14 @@ def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two"):
         return logits
     real_predict = common_eval.predict_logits
     argv = ["--source", "gta5", "--source-root", str(tmp_path), "--target", "cityscapes", "--target-root",
-            str(tmp_path), "--init", "scratch", "--out", str(tmp_path / f"ours_{forward}"), "--batch-size", str(SS_B),
-            "--lr", str(SS_LR), "--epochs", "1", "--epoch-iters", "1", "--sample-epochs", "0", "--init-ratio", "0.1",
+            str(tmp_path), "--init", "scratch", "--out", str(tmp_path / f"ours_{forward}{''.join(extra)}"),
+            "--batch-size", str(SS_B), "--lr", str(SS_LR), "--epochs", str(iters), "--epoch-iters", "1",
+            "--sample-epochs", "0", "--init-ratio", "0.1",
             "--total-ratio", "0.3", "--warmup", "0", "--strategy", "entropy", "--min-kept", str(case["min_kept"]),
             "--conf-thresh", str(case["conf_thresh"]), "--iou-weights", str(int(case["weighted"])),
             "--crop-size", f"{SS_HW[0]},{SS_HW[1]}", "--full-res", "1", "--eval-mode", "whole", "--device", "cpu",
             "--amp", "off", "--workers", "0", "--forward", forward, "--save-every", "1000"]
-    args = train_ssada.parse_args(argv + (["--class-threshold"] if case["class_threshold"] else []))
+    args = train_ssada.parse_args(argv + (["--class-threshold"] if case["class_threshold"] else []) + list(extra))
     with monkeypatch.context() as m:
         m.setattr(train_ssada, "make_bisenet", lambda *a, **k: (model, {"norm": "imagenet", "model": "bisenetv1"}))
         m.setattr(train_ssada, "resolve_domain", lambda name, root, role: (name, "real", root))
@@ -754,7 +827,7 @@ def _run_ssada_ours(monkeypatch, tmp_path, init, case, forward="two"):
         rec = H.record_steps(m, watch=[model], after=lambda r, k: setattr(
             out, "locals", _frame_locals("main", "train_ssada.py")))
         train_ssada.main(args)
-    assert out.rounds == 1 and len(rec) == 1 and len(rec[0].steps) == 1
+    assert out.rounds == 1 and len(rec) == 1 and len(rec[0].steps) == iters
     out.rec, out.model = rec, model
     return out
 
@@ -880,3 +953,56 @@ def test_ssada_training_iteration(monkeypatch, tmp_path, case):
         H.record(what("weights after the step with --forward joint (listed deviation)"), None, worst[0], False,
                  official=off, note=f"worst at {worst[1]}")
         assert worst[0] > 1e-3
+
+
+def _lr_steps(rec, module, rename=lambda n: n):
+    """{parameter name: [its lr at step 1, 2, ...]} of a recorded optimiser (group lrs read at each step hook)."""
+    group = {id(p): i for i, g in enumerate(rec.optimizer.param_groups) for p in g["params"]}
+    return {rename(n): [lrs[group[id(p)]] for lrs in rec.lrs] for n, p in module.named_parameters() if id(p) in group}
+
+
+SS_ITERS, SS_WARMUP = 3, 2
+
+
+def test_ssada_released_lr_sequence(monkeypatch, tmp_path):
+    """The listed deviation 'lr schedule' and its flag, over several iterations: upstream's main() (`config` case, the
+    config's warm-up shortened to 2 iterations so that its schedule moves within the run) for 3 epochs of one
+    iteration, against ours with --lr-schedule constant (the released behaviour) and with the default warmup_poly
+    (same --warmup 2). ss_ada_bisenetv1_single.py:146 builds the stepped `optimizer`; :201-202 build a second one,
+    `optimizer_start`, and attach WarmupLRScheduler to it; :379-380 step `optimizer`, then the scheduler. Compared at
+    every step: the lr of every parameter (114) == ours with the flag, and every weight and BN statistic after the
+    last step; the default's lrs (0 at iteration 0 in the warm-up) and weights are recorded, not asserted. The
+    scheduler is live on the other optimiser (asserted: optimizer_start's lrs go to 0, then up the warm-up)."""
+    from ssada import releases
+    cfg = SS_CASES["config"]
+    up = _run_ssada_upstream(monkeypatch, tmp_path, cfg, iters=SS_ITERS, warmup=SS_WARMUP)
+    off = "SS-ADA ss_ada_bisenetv1_single.py:146, :201-202, :379-380 (@ a02e3d8)"
+    base = sorted({SS_LR, SS_LR * 10})
+    assert [sorted(set(s)) for s in up.sched] == [base, [0.0], [b / SS_WARMUP for b in base]], up.sched
+    theirs = _lr_steps(up.rec[0], up.net, releases._rename)
+    keys = sorted(theirs)
+    after_t = releases.bisenet_to_ours(up.rec[0].steps[-1].modules[0])
+    for extra, released in ((("--lr-schedule", "constant", "--warmup", str(SS_WARMUP)), True),
+                            (("--warmup", str(SS_WARMUP)), False)):
+        ours = _run_ssada_ours(monkeypatch, tmp_path, up.init, cfg, iters=SS_ITERS, extra=extra)
+        lrs = _lr_steps(ours.rec[0], ours.model)
+        assert sorted(lrs) == keys
+        o = torch.tensor([lrs[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([theirs[k] for k in keys], dtype=torch.float64)
+        after_o = ours.rec[0].steps[-1].modules[0]
+        what = f"iterations 0..{SS_ITERS - 1}, {' '.join(extra)}"
+        if released:
+            H.compare(f"{what}: lr of every parameter ({len(keys)}) at every step", o, t, official=off)
+            H.compare_states(f"{what}: weights and BN statistics after step {SS_ITERS}", after_o, after_t,
+                             official=off)
+        else:
+            d, r, _ = H._measure(o, t)
+            H.record(f"{what} (our default warmup_poly): lr of every parameter at every step (listed deviation)", d,
+                     r, False, official=off, n=o.numel(), note="ours schedules the stepped optimiser (0 at iteration "
+                     "0 in the warm-up); upstream's stepped optimiser keeps its initial lrs")
+            assert r > 0.5
+            worst = max((float((after_o[k] - v).abs().max() / v.abs().max().clamp(min=1e-30)), k)
+                        for k, v in after_t.items() if v.is_floating_point())
+            H.record(f"{what} (our default warmup_poly): weights after step {SS_ITERS} (listed deviation)", None,
+                     worst[0], False, official=off, note=f"worst at {worst[1]}")
+            assert worst[0] > 1e-3
