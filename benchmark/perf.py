@@ -17,11 +17,9 @@ Measures:
   4. optionally torch.compile: compile time, compiled step time, and the iterations it needs to pay back.
 """
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,41 +35,6 @@ from common.datasets import build_dataset
 from common.losses import cross_entropy
 from common.models import DeepLabV2
 from common.transforms import Compose, RandomHFlip, RandomScaleCrop
-
-
-class PeakRSS:
-    """Peak resident memory above the starting point while the block runs (CPU: /proc sampling every
-    2 ms; CUDA: max_memory_allocated)."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base, self.stop = self.rss(), False
-
-        def watch():
-            while not self.stop:
-                self.peak = max(self.peak, self.rss() - self.base)
-                time.sleep(0.002)
-        self.t = threading.Thread(target=watch, daemon=True)
-        self.t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.t.join()
 
 
 def make_case(backbone, shape, device, amp):
@@ -110,7 +73,7 @@ def bench_training(name, backbone, shape, device, reps, warmup=1):
             train_step(m, o, x, y, device, amps[k])
     for _ in range(reps):
         for k, (m, o, x, y) in cases.items():
-            with PeakRSS(device) as pk:
+            with rt.PeakMemory(device) as pk:
                 t0 = time.perf_counter()
                 train_step(m, o, x, y, device, amps[k])
                 times[k].append(time.perf_counter() - t0)

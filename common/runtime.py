@@ -1,5 +1,6 @@
 """Training plumbing shared by every script: devices and torchrun, mixed precision, seeding, the run
-folder, JSON-lines logging, poly learning rate, and atomic full-state checkpoints.
+folder, JSON-lines logging, poly learning rate, atomic full-state checkpoints, and the peak-memory probe of
+the benchmark commands.
 No method-specific choice lives here."""
 import contextlib
 import datetime
@@ -10,6 +11,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -519,3 +521,39 @@ def run_main(main, parse_args, on_stop=None):
 
 def save_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs, in bytes (`.peak`): CUDA, the allocator's
+    max_memory_allocated; CPU, the resident size sampled every 2 ms. For the benchmark commands
+    (benchmark/perf.py, ssada/bench_forward.py)."""
+
+    def __init__(self, device):
+        self.device, self.peak = torch.device(device), 0
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base, self.stop = self.rss(), False
+
+        def watch():
+            while not self.stop:
+                self.peak = max(self.peak, self.rss() - self.base)
+                time.sleep(0.002)
+        self.t = threading.Thread(target=watch, daemon=True)
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.t.join()

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,40 +28,6 @@ import torch.nn.functional as F
 
 from common import cli, runtime as rt
 from common.bisenet import make_bisenet
-
-
-class Peak:
-    """Peak memory above the start while the block runs (CUDA: allocator peak; CPU: RSS sampled every 2 ms)."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base, self.stop = self.rss(), False
-
-        def watch():
-            while not self.stop:
-                self.peak = max(self.peak, self.rss() - self.base)
-                time.sleep(0.002)
-        self.t = threading.Thread(target=watch, daemon=True)
-        self.t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop = True
-            self.t.join()
 
 
 def step(model, opt, views, labels, forward, device, amp):
@@ -118,7 +83,7 @@ def main(argv=None):
     times, peaks = {k: [] for k in cases}, {k: 0 for k in cases}
     for _ in range(a.reps):
         for k, c in cases.items():
-            with Peak(device) as pk:
+            with rt.PeakMemory(device) as pk:
                 t0 = time.perf_counter()
                 step(*c[:5], device, c[5])
                 times[k].append(time.perf_counter() - t0)
