@@ -12,17 +12,20 @@ from PIL import Image, ImageEnhance, ImageFilter
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)  # DeepLab caffe-converted weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision weights
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_NORMS = ("caffe", "imagenet")
+INPUT_NORMS = ("caffe", "imagenet", "unit")
 
 
 def to_tensor(img, norm):
     """PIL RGB -> float CHW tensor. 'caffe': BGR, 0..255, minus the BGR mean, no std (DeepLab/caffe
-    weights). 'imagenet': RGB, 0..1, minus mean, divided by std (torchvision weights)."""
+    weights). 'imagenet': RGB, 0..1, minus mean, divided by std (torchvision weights). 'unit': RGB / 255, no mean,
+    no std (MADA's and MADAv2's released models: their data/cityscapes_dataset.py, mean 0, img_norm)."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     if norm == "caffe":
         x = x.flip(0) - torch.tensor(CAFFE_BGR_MEAN).view(3, 1, 1)
     elif norm == "imagenet":
         x = (x / 255.0 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    elif norm == "unit":
+        x = x / 255.0
     else:
         raise ValueError(f"input norm must be one of {INPUT_NORMS}, got {norm!r}")
     return x
@@ -33,6 +36,8 @@ def denormalize(x, norm):
     x = x.detach().float().cpu()
     if norm == "caffe":
         x = (x + torch.tensor(CAFFE_BGR_MEAN).view(3, 1, 1)).flip(0)
+    elif norm == "unit":
+        x = x * 255
     else:
         x = (x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
     return x.clamp(0, 255).byte().permute(1, 2, 0).numpy()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from common import cli, runtime as rt
 from common.datasets import DOMAINS, TOY_ALIASES, eval_loader, resolve_domain, train_set
-from common.models import segmenter_from_checkpoint
+from mada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from common.transforms import Compose, Resize
 from mada import core
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--domain", default="source", choices=["source", "target"],
                    help="source: mask = GT and prediction agree; target: mask = prediction")
     p.add_argument("--checkpoint", default="runs/mada/warmup/model.pth", help="model.pth (DeepLabV3+) of a run")
+    p.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --checkpoint: " + FORMAT_HELP)
     p.add_argument("--source", default="toy", help="source domain (toy | gta5 | synthia ...)")
     p.add_argument("--source-root", default=None, help="dataset root of --source (toy: generated cache)")
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes ...)")
@@ -80,7 +81,7 @@ def main(args):
     amp = rt.amp_dtype(args.amp, device)
     out = rt.prepare_run_dir(args.out, args, rank)
     log = rt.RunLogger(out, rank)
-    model, cfg = segmenter_from_checkpoint(args.checkpoint)
+    model, cfg, fmt = load_segmenter(args.checkpoint, args.checkpoint_format)  # strict; MADA's releases too
     if cfg["model"] != "deeplabv3plus":
         raise SystemExit(f"{args.checkpoint} is a {cfg['model']}: MADA's objective vectors need the DeepLabV3+ "
                          f"decoder feature (train it with mada/warmup.py)")
@@ -134,7 +135,7 @@ def main(args):
     # ---- save ------------------------------------------------------------------------------------
     if rank == 0:
         meta = {"domain": args.domain, "dataset": dom, "root": str(root), "checkpoint": str(args.checkpoint),
-                "num_classes": c, "min_pixels": args.min_pixels, "shape": [n, c, 256], "names": names}
+                "checkpoint_format": fmt.split()[0], "num_classes": c, "min_pixels": args.min_pixels, "shape": [n, c, 256], "names": names}
         rt.save_json(out / "meta.json", meta)
         tmp_v.replace(out / "vectors.npy")
         tmp_c.replace(out / "counts.npy")

@@ -47,7 +47,7 @@ from common import labels as L
 from common import runtime as rt
 from common import pictures as P
 from common.datasets import DOMAINS, read_image, train_set
-from common.models import segmenter_from_checkpoint
+from mada.releases import load_segmenter
 from common.transforms import to_tensor
 from mada import core
 
@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 def contact_sheet(names, meta, path, device, n_max=48, cols=4):
     """The selected images (at the evaluation size) beside the pseudo-labels of meta's checkpoint."""
-    model, cfg = segmenter_from_checkpoint(meta["checkpoint"])
+    model, cfg, _ = load_segmenter(meta["checkpoint"], meta.get("checkpoint_format", "ours"))
     model = model.to(device).eval()
     h, w = DOMAINS[meta["dataset"]][4]
     root, tiles = Path(meta["root"]), []

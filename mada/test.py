@@ -11,6 +11,9 @@ The held-out toy test split (what the benchmark reports):
     python mada/test.py --checkpoint runs/mada/stage2_semi/model.pth --split test
 Cityscapes val, flip TTA:
     python mada/test.py --checkpoint model.pth --target cityscapes --target-root /data/cityscapes --flip
+MADA's released stage-2 model (their Google Drive weights; mada/releases.py, paper: 64.9 mIoU):
+    python mada/test.py --checkpoint from_gta5_to_cityscapes_on_deeplab101_best_model_stage2.pkl \
+        --checkpoint-format mada --target cityscapes --target-root /data/cityscapes
 torchrun (the evaluation is sharded and the confusion matrix all-reduced):
     torchrun --nproc_per_node=2 mada/test.py
 """
@@ -26,6 +29,7 @@ from common.datasets import DOMAINS, resolve_domain
 from common.evaluate import evaluate
 from common.metrics import format_table
 from common.models import segmenter_from_checkpoint
+from mada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from mada import core
 
 
@@ -33,6 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/mada/stage2/model.pth", help="model.pth of a run")
     p.add_argument("--ensemble", default=None, help="second checkpoint; logits averaged 0.5/0.5")
+    p.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --checkpoint and --ensemble: "
+                   + FORMAT_HELP)
     p.add_argument("--snapshots", default=None, help="folder of snapshot checkpoints: also report the best one")
     p.add_argument("--target", default="toy", help="target domain (toy | cityscapes | crosscity ...)")
     p.add_argument("--target-root", default=None, help="dataset root of --target (toy: generated cache)")
@@ -59,11 +65,11 @@ def parse_args(argv=None):
 def main(args):
     rank, world, device = rt.setup_distributed(args.device)
     amp = rt.amp_dtype(args.amp, device)
-    model, cfg = segmenter_from_checkpoint(args.checkpoint)
+    model, cfg, fmt = load_segmenter(args.checkpoint, args.checkpoint_format)  # strict; MADA's releases too
     model = model.to(device, memory_format=rt.memory_format(amp))
     other = None
     if args.ensemble:
-        other, cfg2 = segmenter_from_checkpoint(args.ensemble)
+        other, cfg2, _ = load_segmenter(args.ensemble, args.checkpoint_format)
         if (cfg2["num_classes"], cfg2["norm"]) != (cfg["num_classes"], cfg["norm"]):
             raise SystemExit(f"cannot ensemble {args.checkpoint} and {args.ensemble}: different classes or input norm")
         other = other.to(device, memory_format=rt.memory_format(amp))
@@ -79,8 +85,8 @@ def main(args):
                    save_dir=out / "predictions" if args.save_predictions else None, n_save=args.save_predictions,
                    rank=rank, world_size=world, workers=args.workers, ensemble=other,
                    label_id_dir=args.save_label_ids)
-    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "target": tgt, "split": split,
-              "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
+    report = {"checkpoint": str(args.checkpoint), "ensemble": args.ensemble, "checkpoint_format": fmt, "target": tgt,
+              "split": split, "flip": args.flip, "last": res, "mIoU": res["mIoU"], "images": len(data),
               "seconds": round(time.time() - t0, 1)}
     # Snapshot scan: papers report the best snapshot on the 500-image val set. We report both and label
     # them: 'best' is selected on this very split, so it is optimistic.

@@ -30,7 +30,7 @@ from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
-from common.models import segmenter_from_checkpoint
+from mada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from mada import core
 
 # Defaults (mada/README.md, recipe tables). PAPER: MADA configs/active_from_gta_to_city_stage1.yml (SGD 1e-4 on
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--active-size", type=cli.hw, default=None, help="H,W the active target images are resized to "
                    "before the augmentation (upstream img_rows x img_cols of the active set)")
     g.add_argument("--init-from", default="runs/mada/warmup/model.pth", help="warm-up model.pth (warmup.py)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--selection", default="runs/mada/select_mada",
                    help="selected.json / selected.txt (or its folder) of select_active.py, or upstream's list "
                    "(selection_list/stage1_cac_list_0.05.txt: CITY/NAME lines)")
@@ -82,7 +83,8 @@ def main(args):
     rt.print_config(args, rank)
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = segmenter_from_checkpoint(args.init_from)
+    model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; MADA's releases too
+    log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
 
     # ---- data ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import cross_entropy
 from common.metrics import format_table
-from common.models import segmenter_from_checkpoint
+from mada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from mada import core
 
 # Defaults (mada/README.md, recipe tables). PAPER: MADA configs/active_from_gta_to_city_stage2.yml (the stage-1
@@ -51,6 +51,7 @@ def parse_args(argv=None):
     cli.add_common_args(p)
     g = p.add_argument_group("method (MADA stage 2)")
     g.add_argument("--init-from", default="runs/mada/stage1/model.pth", help="stage-1 model.pth")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--anchors", default="runs/mada/anchors/target_stage1",
                    help="target anchors of the stage-1 model (cluster_anchors.py), or "
                    "MADA's anchors/cluster_centroids_full_target_10.pkl")
@@ -99,7 +100,8 @@ def main(args):
     rt.print_config(args, rank)
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = segmenter_from_checkpoint(args.init_from)
+    model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; MADA's releases too
+    log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
 
     # ---- data ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from common.datasets import infinite_loader, resolve_domain, train_set, DOMAINS
 from common.evaluate import evaluate
 from common.losses import ohem_cross_entropy
 from common.metrics import format_table
-from common.models import segmenter_from_checkpoint
+from mada.releases import FORMAT_HELP, FORMATS, load_segmenter
 from mada import core, semi
 
 # Defaults (mada/README.md, recipe tables). PAPER: MADAv2 configs/active_from_gta_to_city_stage2.yml (SGD 1e-4,
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method (MADAv2 step 2, semi-supervised)")
     g.add_argument("--init-from", default="runs/mada/stage1/model.pth", help="stage-1 model.pth (teacher and "
                    "student initialisation)")
+    g.add_argument("--checkpoint-format", default="auto", choices=FORMATS, help="of --init-from: " + FORMAT_HELP)
     g.add_argument("--anchors", default="runs/mada/anchors/target_stage1",
                    help="target anchors of the stage-1 model (cluster_anchors.py), or "
                    "MADAv2's anchors/cluster_centroids_sub_10_target_stage1.pkl")
@@ -174,9 +175,10 @@ def main(args):
     rt.print_config(args, rank)
 
     # ---- model -----------------------------------------------------------------------------------
-    model, mcfg = segmenter_from_checkpoint(args.init_from)
+    model, mcfg, fmt = load_segmenter(args.init_from, args.checkpoint_format)  # strict; MADAv2's releases too
+    log.log({"event": "init", "init_from": args.init_from, "checkpoint_format": fmt, "config": mcfg})
     model = model.to(device, memory_format=rt.memory_format(amp)).train()
-    teacher, _ = segmenter_from_checkpoint(args.init_from)  # frozen (--teacher-mode eval) or upstream's train-mode
+    teacher = load_segmenter(args.init_from, args.checkpoint_format)[0]  # frozen (--teacher-mode eval) or upstream's train-mode
     teacher = teacher.to(device, memory_format=rt.memory_format(amp)).eval().requires_grad_(False)  # forwards
     nc = mcfg["num_classes"]
 

@@ -87,11 +87,11 @@ def _run(monkeypatch, tmp_path, T, extra=(), seen=None, loader=_batches):
 
     def build(*a, **k):
         seen["nets"].append(copy.deepcopy(net))
-        return seen["nets"][-1], mcfg
+        return seen["nets"][-1], mcfg, "ours"
 
     monkeypatch.setattr(torch.optim, "SGD", sgd)
     monkeypatch.setattr(T.rt, "check_inputs", lambda *a, **k: None)
-    monkeypatch.setattr(T, "segmenter_from_checkpoint", build)
+    monkeypatch.setattr(T, "load_segmenter", build)
     monkeypatch.setattr(T, "resolve_domain", lambda name, root, role: ("gta5" if role == "source" else "cityscapes",
                                                                        "real", "/nonexistent"))
     monkeypatch.setattr(T, "train_set", lambda *a, **k: _Target())

@@ -135,6 +135,121 @@ def test_training_reads_upstreams_selection_list(toy_target, tmp_path):
         core.subset_by_names(toy_target, core.read_selection(lst))
 
 
+def mada_names(blocks=(3, 4, 23, 3)):
+    """MADA's / MADAv2's DeepLab state-dict names (models/deeplab.py: backbone = models/backbone/resnet.py, no fc;
+    aspp.py: aspp1..4 = _ASPPModule(atrous_conv, bn), global_avg_pool = (pool, conv, bn, relu), conv1, bn1;
+    decoder.py: conv1, bn1, last_conv = (conv, bn, relu, dropout, conv, bn, relu, dropout, conv))."""
+    names = resnet_names(blocks, True, "backbone.")
+    for i in range(1, 5):
+        names += [f"aspp.aspp{i}.atrous_conv.weight"] + [f"aspp.aspp{i}.bn.{s}" for s in BN]
+    names += ["aspp.global_avg_pool.1.weight"] + [f"aspp.global_avg_pool.2.{s}" for s in BN]
+    names += ["aspp.conv1.weight"] + [f"aspp.bn1.{s}" for s in BN]
+    names += ["decoder.conv1.weight"] + [f"decoder.bn1.{s}" for s in BN]
+    for conv, bn in ((0, 1), (4, 5)):
+        names += [f"decoder.last_conv.{conv}.weight"] + [f"decoder.last_conv.{bn}.{s}" for s in BN]
+    return set(names + ["decoder.last_conv.8.weight", "decoder.last_conv.8.bias"])
+
+
+def to_mada(sd):
+    """Our DeepLabV3Plus keys -> MADA's (the inverse of mada/releases.py's table, written independently)."""
+    fixed = {"aspp.pool.1.": "aspp.global_avg_pool.1.", "aspp.pool.2.": "aspp.global_avg_pool.2.",
+             "aspp.project.0.0.": "aspp.conv1.", "aspp.project.0.1.": "aspp.bn1.", "low_proj.0.": "decoder.conv1.",
+             "low_proj.1.": "decoder.bn1.", "decoder.0.0.": "decoder.last_conv.0.", "decoder.0.1.": "decoder.last_conv.1.",
+             "decoder.2.0.": "decoder.last_conv.4.", "decoder.2.1.": "decoder.last_conv.5.",
+             "classifier.": "decoder.last_conv.8.", "backbone.": "backbone."}
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("aspp.branches."):
+            i, part, rest = k[len("aspp.branches."):].split(".", 2)
+            out[f"aspp.aspp{int(i) + 1}.{'atrous_conv' if part == '0' else 'bn'}.{rest}"] = v
+            continue
+        old = next(p for p in fixed if k.startswith(p))
+        out[fixed[old] + k[len(old):]] = v
+    return out
+
+
+def test_mada_layout_is_the_official_one():
+    from common.models import DeepLabV3Plus
+    from mada import releases as MR
+    with torch.device("meta"):
+        ours = DeepLabV3Plus(19, "resnet101").state_dict()
+    official = to_mada(ours)
+    assert set(official) == mada_names()
+    assert set(MR.mada_to_ours(official)) == set(ours)
+
+
+def mada_tiny(toy_root, out, n=3):
+    """A toy Cityscapes-style target whose val split holds n images (symlinks): a fast test.py."""
+    src = toy_root / "toy_cityscapes"
+    for sub, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
+        for p in sorted((src / sub / "val").rglob(f"*{suffix}"))[:n]:
+            dst = out / sub / "val" / p.parent.name / p.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(p)
+    return out
+
+
+def test_mada_release_loads_strictly_with_equal_logits(tmp_path, toy_root):
+    """MADA's released file ({'DeepLab': {'model_state', 'optimizer_state', 'scheduler_state'}, 'iter', 'best_iou'
+    (a numpy float)}, torch's legacy format of 2021) gives our logits and decoder feature bit for bit, with the input
+    norm 'unit' (RGB / 255); test.py evaluates it and train_stage1.py starts from it; a missing or unexpected key
+    names the file and the key."""
+    from common.models import DeepLabV3Plus
+    from common.transforms import to_tensor
+    from mada import releases as MR
+    ref = randomise(DeepLabV3Plus(19, "resnet50"))
+    f = tmp_path / "from_gta5_to_cityscapes_on_deeplab101_best_model_stage2.pkl"
+    torch.save({"DeepLab": {"model_state": to_mada(ref.state_dict()), "optimizer_state": {"state": {}},
+                            "scheduler_state": {"last_epoch": 4000}}, "iter": 4000, "best_iou": np.float64(0.649)},
+               f, _use_new_zipfile_serialization=False)
+    x = torch.randn(2, 3, 64, 96)
+    for fmt in ("auto", "mada"):
+        net, cfg, how = MR.load_segmenter(f, fmt)
+        assert (cfg["model"], cfg["backbone"], cfg["num_classes"], cfg["norm"]) == \
+            ("deeplabv3plus", "resnet50", 19, "unit") and how.startswith("mada")
+        with torch.no_grad():
+            o, r = net.eval()(x, return_feat=True), ref(x, return_feat=True)
+        assert torch.equal(o["out"], r["out"]) and torch.equal(o["feat"], r["feat"])
+    img = Image.fromarray(np.arange(24, dtype=np.uint8).reshape(2, 4, 3))   # upstream's input: RGB / 255, mean 0
+    assert torch.allclose(to_tensor(img, "unit"), torch.from_numpy(np.asarray(img, np.float64) / 255.0).permute(
+        2, 0, 1).float())
+    # a bare state dict without BN step counters (torch < 0.4.1), DataParallel's prefix: loaded, the same logits
+    bare = {"module." + k: v for k, v in to_mada(ref.state_dict()).items() if not k.endswith("num_batches_tracked")}
+    torch.save(bare, tmp_path / "bare.pkl")
+    with torch.no_grad():
+        assert torch.equal(MR.load_segmenter(tmp_path / "bare.pkl")[0].eval()(x)["out"], r["out"])
+    bad = to_mada(ref.state_dict())
+    bad["decoder.last_conv.9.weight"] = torch.zeros(1)
+    torch.save({"DeepLab": {"model_state": bad}}, tmp_path / "extra.pkl")
+    with pytest.raises(WeightLoadError, match=r"extra.pkl: keys that are not MADA's .*decoder.last_conv.9.weight"):
+        MR.load_segmenter(tmp_path / "extra.pkl")
+    bad = to_mada(ref.state_dict())
+    del bad["aspp.bn1.running_var"]
+    torch.save({"DeepLab": {"model_state": bad}}, tmp_path / "missing.pkl")
+    with pytest.raises(WeightLoadError, match=r"missing.pkl does not match .*aspp.project.0.1.running_var"):
+        MR.load_segmenter(tmp_path / "missing.pkl")
+    torch.save({"FCDiscriminator": {"model_state": {}}}, tmp_path / "other.pkl")
+    with pytest.raises(WeightLoadError, match="other.pkl: not a format this folder reads"):
+        MR.load_segmenter(tmp_path / "other.pkl")
+    # through the scripts: test.py evaluates it, train_stage1.py --init-from starts from it (its checkpoint keeps 'unit')
+    tiny = mada_tiny(toy_root, tmp_path / "cs")
+    run_script("mada/test.py", "--checkpoint", f, "--target", "toy_cityscapes", "--target-root", tiny,
+               "--workers", 0, "--save-predictions", 0, "--out", tmp_path / "eval")
+    rep = json.loads((tmp_path / "eval" / "final.json").read_text())
+    assert rep["images"] == 3 and rep["checkpoint_format"].startswith("mada (auto-detected")
+    names = [str(p.relative_to(toy_root / "toy_cityscapes")) for p in
+             sorted((toy_root / "toy_cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[:2]]
+    (tmp_path / "sel.txt").write_text("".join(core.official_name(n) + "\n" for n in names))
+    run_script("mada/train_stage1.py", "--init-from", f, "--checkpoint-format", "mada", "--selection",
+               tmp_path / "sel.txt", "--out", tmp_path / "st1", "--iters", 1, "--batch-size", 2,
+               "--eval-every", 1, "--workers", 0, "--crop-size", "32,64")
+    ck = torch.load(tmp_path / "st1" / "model.pth", weights_only=True)
+    assert ck["config"]["norm"] == "unit" and ck["labeled"] == [core.official_name(n) for n in names]
+    init = [json.loads(ln) for ln in (tmp_path / "st1" / "log.jsonl").read_text().splitlines()
+            if '"init"' in ln][0]
+    assert init["checkpoint_format"] == "mada" and init["config"]["norm"] == "unit"
+
+
 # ------------------------------------------------------------------------------------------------ D2ADA
 def resnet_names(blocks, bottleneck, prefix):
     """torchvision ResNet state-dict names without fc (VainF's IntermediateLayerGetter stops at layer4)."""
@@ -514,3 +629,22 @@ def test_tufl_files_load_strictly_with_equal_logits(tmp_path, toy_root, capsys):
     torch.save(official, tmp_path / "missing.pth")
     with pytest.raises(WeightLoadError, match=r"missing.pth does not match .*missing keys: head_aux16.cls.weight"):
         SR.load_segmenter(tmp_path / "missing.pth", "tufl")
+
+
+def test_mada_readme_release_commands_parse():
+    """Every command of mada/README.md's 'Starting from the released artifacts' is accepted by its script's parser,
+    and the ones naming a released model ask for (or auto-detect) the mada format."""
+    import importlib
+    import re
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "mada" / "README.md").read_text()
+    section = text[text.index("## Starting from the released artifacts"):text.index("## Recipes:")]
+    n = 0
+    for cmd in re.findall(r"^    (python mada/.*?)(?<!\\)$", section.replace("\\\n    ", "\\\n"), re.M | re.S):
+        argv = shlex.split(cmd.replace("\\\n", " "))
+        args = importlib.import_module(f"mada.{Path(argv[1]).stem}").parse_args(argv[2:])
+        if any(a.endswith(".pkl") and "weights/" in a for a in argv):
+            assert args.checkpoint_format in ("mada", "auto"), cmd
+        n += 1
+    assert n >= 6

@@ -15,7 +15,9 @@ anchor loss, SGD), against our train_stage2_semi.main resumed from the same stat
 """
 import copy
 import random
+import json
 import runpy
+import shutil
 import types
 
 import numpy as np
@@ -61,11 +63,15 @@ class _Loader(list):
 def _drive_mada_select(tmp_path, monkeypatch, items, anchors):
     """Run MADA's select_active_samples.Select (the real function) on fake data: its dataset factory and its
     CustomModel replaced by stand-ins serving `items`; the model's calculate_mean_vector / process_label are the
-    official CustomModel methods. Returns (the written list, the index file)."""
+    official CustomModel methods. anchors: an array (saved as upstream saves it) or the path of an anchor file
+    (copied: the shipped one). Returns (the written list, the index file)."""
     names = [f"/data/leftImg8bit/train/city/img{i:04d}_leftImg8bit.png" for i in range(len(items))]
     (tmp_path / "anchors").mkdir()
     (tmp_path / "selection_list").mkdir()
-    torch.save(anchors.reshape(K, C * D), tmp_path / "anchors" / "cluster_centroids_full_10.pkl")
+    if isinstance(anchors, np.ndarray):
+        torch.save(anchors.reshape(K, C * D), tmp_path / "anchors" / "cluster_centroids_full_10.pkl")
+    else:
+        shutil.copy(anchors, tmp_path / "anchors" / "cluster_centroids_full_10.pkl")
     monkeypatch.chdir(tmp_path)
     real_load = torch.load
     # torch >= 2.6 loads weights_only by default, which refuses the numpy array upstream saved (a file the test wrote)
@@ -93,13 +99,17 @@ def _drive_mada_select(tmp_path, monkeypatch, items, anchors):
 
 def _drive_madav2_select(tmp_path, monkeypatch, vectors, src, tgt):
     """Run MADAv2's step1_select_active_samples.py as __main__ (unmodified) in a scratch folder holding the
-    anchors, the target objective vectors and data/target_names.txt it reads."""
+    anchors (arrays saved as upstream saves them, or the paths of anchor files: copied), the target objective
+    vectors and data/target_names.txt it reads."""
     n = len(vectors)
     names = [f"city/img{i:04d}_leftImg8bit.png" for i in range(n)]
     for d in ("anchors", "features", "selection_list", "data"):
         (tmp_path / d).mkdir()
-    torch.save(src.reshape(K, C * D), tmp_path / "anchors" / "cluster_centroids_sub_10.pkl")
-    torch.save(tgt.reshape(K, C * D), tmp_path / "anchors" / "cluster_centroids_sub_10_target_warmup.pkl")
+    for a, fname in ((src, "cluster_centroids_sub_10.pkl"), (tgt, "cluster_centroids_sub_10_target_warmup.pkl")):
+        if isinstance(a, np.ndarray):
+            torch.save(a.reshape(K, C * D), tmp_path / "anchors" / fname)
+        else:
+            shutil.copy(a, tmp_path / "anchors" / fname)
     torch.save(np.asarray(vectors, np.float64), tmp_path / "features" / "target_full_dataset_objective_vectors_warmup.pkl")
     (tmp_path / "data" / "target_names.txt").write_text("".join(x + "\n" for x in names))
     monkeypatch.chdir(tmp_path)
@@ -210,6 +220,53 @@ def test_madav2_selection_list(tmp_path, monkeypatch):
     ours_lst, _ = core.write_official_selection(tmp_path / "ours", ["leftImg8bit/train/" + names[i] for i in chosen], chosen,
                                                 "madav2", 0.05)
     assert ours_lst.read_text().split() == lst
+
+
+SHIPPED = {"MADA": ("anchors/cluster_centroids_full_10.pkl",),
+           "MADAv2": ("anchors/cluster_centroids_sub_10.pkl", "anchors/cluster_centroids_sub_10_target_warmup.pkl")}
+
+
+@pytest.mark.parametrize("name", ["MADA", "MADAv2"])
+def test_shipped_anchors_select_the_same_list(tmp_path, monkeypatch, name):
+    """The anchor files the official repositories ship (MADA: the source anchors, torch legacy format; MADAv2: source
+    and target warm-up anchors, zip archives), given as they are to upstream's selection script and to ours
+    (mada/select_active.py main(), the files through --source-anchors / --target-anchors, read by
+    common.safe_pickle), on the same objective vectors (upstream's from its own calculate_mean_vector for MADA): the
+    same selected list and list file. (The vectors are synthetic, not the authors' warm-up features, which are a
+    Drive download: the list is not theirs, the computation is.)"""
+    from mada import select_active
+    files = [H.repo(name) / f for f in SHIPPED[name]]
+    n = 120 if name == "MADA" else 130
+    items = _features(n, 40)
+    vec, cnt = _ours_vectors(items)
+    up = tmp_path / "upstream"
+    up.mkdir()
+    if name == "MADA":
+        lst, idx, names = _drive_mada_select(up, monkeypatch, items, files[0])
+        ours_names = ["leftImg8bit/train/city/" + x.split("/")[-1] for x in names]
+    else:
+        lst, idx, names = _drive_madav2_select(up, monkeypatch, vec, files[0], files[1])
+        ours_names = ["leftImg8bit/train/" + x for x in names]
+    monkeypatch.chdir(tmp_path)
+    feats = tmp_path / "features"
+    feats.mkdir()
+    np.save(feats / "vectors.npy", vec)
+    np.save(feats / "counts.npy", cnt)
+    (feats / "meta.json").write_text(json.dumps({"domain": "target", "dataset": "cityscapes", "names": ours_names,
+                                                 "root": str(tmp_path), "min_pixels": 10, "checkpoint": None}))
+    flags = ["--source-anchors", str(files[0])] + (["--criterion", "madav2", "--target-anchors", str(files[1])]
+                                                   if name == "MADAv2" else [])
+    select_active.main(select_active.parse_args(["--features", str(feats), "--sheet", "0", "--out",
+                                                 str(tmp_path / "ours"), *flags]))
+    chosen = json.loads((tmp_path / "ours" / "selected.json").read_text())["indices"]
+    assert len(idx) == 6
+    H.compare(f"{name}: selected indices with the shipped anchors ({n} images, {len(idx)} picks)",
+              torch.tensor(chosen), torch.tensor(idx),
+              official=f"{name} " + ("select_active_samples.py:Select" if name == "MADA" else
+                                     "step1_select_active_samples.py:__main__") + " with " + ", ".join(SHIPPED[name]))
+    suffix = "" if name == "MADA" else "_dual_dis_far"
+    ours_lst = (tmp_path / "ours" / "selection_list" / f"stage1_cac_list_0.05{suffix}.txt").read_text().split()
+    assert ours_lst == lst
 
 
 @pytest.mark.parametrize("name", ["MADA", "MADAv2"])
@@ -374,7 +431,7 @@ def _run_mada_stage2_ours(monkeypatch, tmp_path, net, batch, anchors, lr, max_it
     losses, anchor_out = [], []
     with monkeypatch.context() as m:
         m.setattr(T.rt, "check_inputs", lambda *a, **k: None)     # no checkpoint/dataset files: all replaced
-        m.setattr(T, "segmenter_from_checkpoint", lambda *a, **k: (net, mcfg))
+        m.setattr(T, "load_segmenter", lambda *a, **k: (net, mcfg, "ours"))
         m.setattr(T, "resolve_domain", lambda name, root, role: ("gta5" if role == "source" else "cityscapes",
                                                                    "real", "/nonexistent"))
         m.setattr(T, "train_set", lambda *a, **k: None)
@@ -702,7 +759,7 @@ def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, 
                          "--amp", "off", "--device", "cpu", "--workers", "0", "--seed", str(SEMI["seed"]),
                          "--eval-every", "100000", "--save-every", "100000"])
     arr = anchors.copy()
-    nets = iter([(student, mcfg), (teacher, mcfg)])
+    nets = iter([(student, mcfg, "ours"), (teacher, mcfg, "ours")])
     streams = iter([[{"image": xa, "label": ya}],
                     [{"image": images[SEMI["id1"]][None], "index": torch.tensor([SEMI["id1"]])}]])
     got = types.SimpleNamespace(ohem=[], cons=[], anchor=[])
@@ -711,7 +768,7 @@ def _run_semi_ours(monkeypatch, tmp_path, student, teacher, inputs, cat, epoch, 
     box_rng = _DrawsRng(index=box_index, uniforms=SEMI["uniforms"])
     with monkeypatch.context() as m:
         m.setattr(T.rt, "check_inputs", lambda *a, **k: None)     # no checkpoint/dataset files: all replaced
-        m.setattr(T, "segmenter_from_checkpoint", lambda *a, **k: next(nets))
+        m.setattr(T, "load_segmenter", lambda *a, **k: next(nets))
         m.setattr(T, "resolve_domain", lambda name, root, role: ("cityscapes", "real", "/nonexistent"))
         m.setattr(T, "train_set", lambda *a, **k: _TargetSet(images))
         m.setattr(T, "infinite_loader", lambda *a, **k: iter(next(streams)))

@@ -59,3 +59,49 @@ def test_release_format_gives_the_official_logits(fmt, tmp_path):
                 o = F.interpolate(o, size=(h, w), mode="bilinear", align_corners=True)
             H.compare(f"{fmt} release through releases.py: {level} logits {h}x{w}", o, out_t[level],
                       official=f"{module.replace('.', '/')}.py:ResNetMulti.forward", note=how)
+
+
+@pytest.mark.parametrize("repo,depth", [("MADA", "resnet50"), ("MADAv2", "resnet50"), ("MADA", "resnet101")])
+def test_mada_release_gives_the_official_logits(repo, depth, tmp_path, monkeypatch):
+    """mada/releases.py against MADA's / MADAv2's own DeepLab (models/deeplab.py, bn='bn', output stride 16): a
+    randomised upstream network saved as train_active_stage1.py saves it ({'DeepLab': {'model_state', ...}, 'iter',
+    'best_iou' numpy}, torch's legacy format) and read back through our converter (strict) gives upstream's logits
+    and decoder feature (cls_feat, what the objective vectors and the anchor loss read) at two sizes; the input
+    normalisation our config names ('unit') is upstream's dataset transform (RGB / 255, mean 0). ResNet-101 reads
+    ImageNet weights from the authors' disk when built (models/backbone/resnet.py:152-163): that read is skipped, the
+    weights are random anyway."""
+    from mada import releases as MR
+    from common.transforms import to_tensor
+    from PIL import Image
+    with H.upstream(repo):
+        m = __import__("models.deeplab", fromlist=["DeepLab"])
+        rn = __import__("models.backbone.resnet", fromlist=["ResNet"])
+        monkeypatch.setattr(rn.ResNet, "_load_pretrained_model", lambda self: None)
+        theirs = H.randomize(m.DeepLab(backbone=depth, output_stride=16, num_classes=C, bn="bn"), seed=21).eval()
+        ds = __import__("data.cityscapes_dataset", fromlist=["Cityscapes_loader"])
+    f = tmp_path / "from_gta5_to_cityscapes_on_deeplab101_best_model_stage1.pkl"
+    torch.save({"DeepLab": {"model_state": theirs.state_dict(), "optimizer_state": {"state": {}, "param_groups": []},
+                            "scheduler_state": {"last_epoch": 3}}, "iter": 4, "best_iou": np.float64(0.5)}, f,
+               _use_new_zipfile_serialization=False)
+    ours, cfg, how = MR.load_segmenter(f)
+    assert how.startswith("mada") and cfg["backbone"] == depth and cfg["norm"] == "unit"
+    ours.eval()
+    off = f"{repo} models/deeplab.py:DeepLab.forward"
+    for i, (h, w) in enumerate([(65, 97), (48, 80)]):
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(30 + i))
+        with torch.no_grad():
+            _, _, feat_t, out_t = theirs(x)
+            o = ours(x, return_feat=True)
+        H.compare(f"{repo} {depth} release through mada/releases.py: logits {h}x{w}", o["out"], out_t, official=off,
+                  note=how)
+        H.compare(f"{repo} {depth} release through mada/releases.py: decoder feature (cls_feat) {h}x{w}", o["feat"],
+                  feat_t, official=off)
+    # the input: upstream's Cityscapes_loader.transform (img - mean 0, / 255 with img_norm) == to_tensor(., 'unit')
+    img = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    loader = ds.Cityscapes_loader.__new__(ds.Cityscapes_loader)
+    loader.mean, loader.img_norm, loader.n_classes, loader.ignore_index = np.array([0.0, 0.0, 0.0]), True, C, 250
+    loader.img_size = (6, 10)
+    x_t, _ = loader.transform(Image.fromarray(img), Image.fromarray(np.zeros((6, 10), np.uint8)))
+    H.compare(f"{repo} input normalisation: to_tensor(img, 'unit') vs Cityscapes_loader.transform",
+              to_tensor(Image.fromarray(img), "unit"), torch.as_tensor(np.asarray(x_t), dtype=torch.float32),
+              official=f"{repo} data/cityscapes_dataset.py:Cityscapes_loader.transform")
