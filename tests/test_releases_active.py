@@ -179,13 +179,14 @@ def test_mada_layout_is_the_official_one():
 
 
 def mada_tiny(toy_root, out, n=3):
-    """A toy Cityscapes-style target whose val split holds n images (symlinks): a fast test.py."""
+    """A toy Cityscapes-style target whose train and val splits hold n images each (symlinks): fast scripts."""
     src = toy_root / "toy_cityscapes"
-    for sub, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
-        for p in sorted((src / sub / "val").rglob(f"*{suffix}"))[:n]:
-            dst = out / sub / "val" / p.parent.name / p.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(p)
+    for split in ("train", "val"):
+        for sub, suffix in (("leftImg8bit", "_leftImg8bit.png"), ("gtFine", "_gtFine_labelIds.png")):
+            for p in sorted((src / sub / split).rglob(f"*{suffix}"))[:n]:
+                dst = out / sub / split / p.parent.name / p.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(p)
     return out
 
 
@@ -237,12 +238,11 @@ def test_mada_release_loads_strictly_with_equal_logits(tmp_path, toy_root):
                "--workers", 0, "--save-predictions", 0, "--out", tmp_path / "eval")
     rep = json.loads((tmp_path / "eval" / "final.json").read_text())
     assert rep["images"] == 3 and rep["checkpoint_format"].startswith("mada (auto-detected")
-    names = [str(p.relative_to(toy_root / "toy_cityscapes")) for p in
-             sorted((toy_root / "toy_cityscapes" / "leftImg8bit" / "train").rglob("*.png"))[:2]]
+    names = [str(p.relative_to(tiny)) for p in sorted((tiny / "leftImg8bit" / "train").rglob("*.png"))[:2]]
     (tmp_path / "sel.txt").write_text("".join(core.official_name(n) + "\n" for n in names))
     run_script("mada/train_stage1.py", "--init-from", f, "--checkpoint-format", "mada", "--selection",
-               tmp_path / "sel.txt", "--out", tmp_path / "st1", "--iters", 1, "--batch-size", 2,
-               "--eval-every", 1, "--workers", 0, "--crop-size", "32,64")
+               tmp_path / "sel.txt", "--target", "toy_cityscapes", "--target-root", tiny, "--out", tmp_path / "st1",
+               "--iters", 1, "--batch-size", 2, "--eval-every", 1, "--workers", 0, "--crop-size", "32,64")
     ck = torch.load(tmp_path / "st1" / "model.pth", weights_only=True)
     assert ck["config"]["norm"] == "unit" and ck["labeled"] == [core.official_name(n) for n in names]
     init = [json.loads(ln) for ln in (tmp_path / "st1" / "log.jsonl").read_text().splitlines()
