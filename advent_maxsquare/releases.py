@@ -33,8 +33,9 @@ classifiers are not (4 vs 2 branches): auto refuses and asks for the format.
 """
 import torch
 
-from common.models import WeightLoadError, _check_and_load, build_model, segmenter_from_checkpoint
-from common.runtime import InputError, read_checkpoint
+from common.models import (WeightLoadError, _check_and_load, build_model, fill_bn_counters, resolve_checkpoint_format,
+                           segmenter_from_checkpoint)
+from common.runtime import read_checkpoint
 
 FORMATS = ("auto", "ours", "advent", "adaptsegnet", "maxsquare")
 FORMAT_HELP = ("format of the file: ours (this repository's model.pth), advent (ADVENT's released "
@@ -132,24 +133,16 @@ def detect_format(state, path):
 def load_segmenter(path, fmt="auto"):
     """Our segmenter from `path` in format `fmt` (FORMATS), loaded strictly. Returns (model, config, how), `how` a
     few words on the format used (and why, when auto-detected), for the log."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt, state, how = resolve_checkpoint_format(
+        path, fmt, FORMATS, lambda p: read_checkpoint(p, "a segmenter checkpoint of this project (model.pth) or an "
+                                                         "official ADVENT / AdaptSegNet / MaxSquare release",
+                                                      numpy_scalars=True), detect_format)
     if fmt == "ours":
-        return (*segmenter_from_checkpoint(path), "ours")
-    state = read_checkpoint(path, "a segmenter checkpoint of this project (model.pth) or an official ADVENT / "
-                            "AdaptSegNet / MaxSquare release", numpy_scalars=True)
-    how = fmt
-    if fmt == "auto":
-        fmt, why = detect_format(state, path)
-        how = f"{fmt} (auto-detected: {why})"
-        if fmt == "ours":
-            return (*segmenter_from_checkpoint(path), how)
+        return (*segmenter_from_checkpoint(path), how)
     sd, cfg = CONVERTERS[fmt](state, path)
     net = build_model(cfg["model"], cfg["num_classes"], cfg["backbone"], cfg["multi_level"], cfg["caffe_style"],
                       cfg["two_branch"])
-    counters = [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
-    if not any(k in sd for k in counters):  # pre-0.4.1 file: no BN step counters at all (module docstring)
-        sd.update({k: torch.zeros((), dtype=torch.long) for k in counters})
+    fill_bn_counters(net, sd)  # pre-0.4.1 file: no BN step counters at all (module docstring)
     _check_and_load(net, sd, path, f"DeepLabV2 of the {fmt} format ({cfg['backbone']}, renamed as in "
                     "advent_maxsquare/releases.py)")
     return net, cfg, how

@@ -256,6 +256,33 @@ def _check_and_load(module, sd, path, what):
     module.load_state_dict(sd, strict=True)
 
 
+def resolve_checkpoint_format(path, fmt, formats, read, detect):
+    """The format dispatch of every folder's releases.load_segmenter (the converters themselves stay in the folders).
+    fmt: one of `formats` ('auto', 'ours', then the folder's release formats); read(path): the loaded file (through
+    common.safe_pickle / read_checkpoint); detect(state, path): (format, why) from its entries. Returns (format,
+    state, how): state is None for 'ours' (the caller reads its own checkpoints with its strict reader), how a few
+    words on the format used (and why, when auto-detected), for the log."""
+    if fmt not in formats:
+        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(formats)}")
+    if fmt == "ours":
+        return "ours", None, "ours"
+    state = read(path)
+    if fmt != "auto":
+        return fmt, state, fmt
+    fmt, why = detect(state, path)
+    return fmt, None if fmt == "ours" else state, f"{fmt} (auto-detected: {why})"
+
+
+def fill_bn_counters(module, sd):
+    """A released state dict with no BN step counters at all (torch < 0.4.1, inplace_abn < 1.0) gets the module's
+    num_batches_tracked at 0 (evaluation never reads them); one that has some keeps them, so that a partly missing
+    file stays an error of the strict load."""
+    counters = [k for k in module.state_dict() if k.endswith("num_batches_tracked")]
+    if not any(k in sd for k in counters):
+        sd.update({k: torch.zeros((), dtype=torch.long) for k in counters})
+    return sd
+
+
 def load_backbone_weights(model, path):
     """Initialise model.backbone from an ImageNet(/COCO) ResNet file: torchvision's (`conv1.weight`,
     `layer1.0.conv1.weight`, ..., `fc.*`) or DeepLab's caffe-converted ones (same names under `Scale.`,

@@ -42,7 +42,7 @@ import re
 from pathlib import Path
 
 from common import safe_pickle
-from common.models import WeightLoadError, _check_and_load
+from common.models import WeightLoadError, _check_and_load, resolve_checkpoint_format
 from common.runtime import InputError
 from d2ada.model import DeepLabV2Feat, DeepLabV3PlusD2ADA, from_checkpoint
 
@@ -125,17 +125,11 @@ def detect_format(state, path):
 def load_segmenter(path, fmt="auto"):
     """d2ada's segmenter from `path` in format `fmt` (FORMATS), loaded strictly. Returns (model, config, how),
     `how` a few words on the format used (and why, when auto-detected)."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt, state, how = resolve_checkpoint_format(
+        path, fmt, FORMATS, lambda p: safe_pickle.load_torch(p, "a D2ADA checkpoint (ours, or D2ADA's released "
+                                                                "checkpoint0X.tar)"), detect_format)
     if fmt == "ours":
-        return (*from_checkpoint(path), "ours")
-    state = safe_pickle.load_torch(path, "a D2ADA checkpoint (ours, or D2ADA's released checkpoint0X.tar)")
-    how = fmt
-    if fmt == "auto":
-        fmt, why = detect_format(state, path)
-        how = f"{fmt} (auto-detected: {why})"
-        if fmt == "ours":
-            return (*from_checkpoint(path), how)
+        return (*from_checkpoint(path), how)
     sd, cfg = from_d2ada(state, path)
     net = (DeepLabV3PlusD2ADA if cfg["model"] == "deeplabv3plus_d2ada" else DeepLabV2Feat)(
         cfg["num_classes"], cfg["backbone"], cfg["output_stride"])

@@ -32,8 +32,8 @@ that `best_iou` needs): nothing in a file is run.
 import re
 
 from common import safe_pickle
-from common.models import DeepLabV3Plus, WeightLoadError, _check_and_load, segmenter_from_checkpoint
-from common.runtime import InputError
+from common.models import (DeepLabV3Plus, WeightLoadError, _check_and_load, fill_bn_counters,
+                           resolve_checkpoint_format, segmenter_from_checkpoint)
 
 FORMATS = ("auto", "ours", "mada")
 FORMAT_HELP = ("format of the file: ours (model.pth / checkpoint.pth of this folder), mada (MADA's or MADAv2's "
@@ -108,15 +108,7 @@ def from_mada(state, path):
     sd = state_dict_of(state, path)
     cfg = {"model": "deeplabv3plus", "backbone": _backbone(sd, path), "num_classes": int(sd[CLASSIFIER].shape[0]),
            "caffe_style": False, "multi_level": False, "two_branch": False, "norm": "unit"}
-    ours = mada_to_ours(sd, path)
-    # BN counters: torch >= 0.4.1 writes num_batches_tracked; eval never reads it. A file without them (older
-    # torch) gets ours at 0, and only those: any other missing key stays an error of the strict load.
-    if not any(k.endswith("num_batches_tracked") for k in ours):
-        import torch
-        for k in list(ours):
-            if k.endswith(".running_mean"):
-                ours[k[:-len("running_mean")] + "num_batches_tracked"] = torch.tensor(0)
-    return ours, cfg
+    return mada_to_ours(sd, path), cfg
 
 
 def detect_format(state, path):
@@ -133,19 +125,14 @@ def detect_format(state, path):
 def load_segmenter(path, fmt="auto"):
     """mada's segmenter from `path` in format `fmt` (FORMATS), loaded strictly. Returns (model, config, how),
     `how` a few words on the format used (and why, when auto-detected)."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt, state, how = resolve_checkpoint_format(
+        path, fmt, FORMATS, lambda p: safe_pickle.load_torch(p, "a MADA checkpoint (ours, or MADA's / MADAv2's "
+                                                                "released model)"), detect_format)
     if fmt == "ours":
-        return (*segmenter_from_checkpoint(path), "ours")
-    state = safe_pickle.load_torch(path, "a MADA checkpoint (ours, or MADA's / MADAv2's released model)")
-    how = fmt
-    if fmt == "auto":
-        fmt, why = detect_format(state, path)
-        how = f"{fmt} (auto-detected: {why})"
-        if fmt == "ours":
-            return (*segmenter_from_checkpoint(path), how)
+        return (*segmenter_from_checkpoint(path), how)
     sd, cfg = from_mada(state, path)
     net = DeepLabV3Plus(cfg["num_classes"], cfg["backbone"])
+    fill_bn_counters(net, sd)  # a file of torch < 0.4.1
     _check_and_load(net, sd, path, f"DeepLabV3Plus of the mada format ({cfg['backbone']}, renamed as in "
                     "mada/releases.py)")
     return net, cfg, how

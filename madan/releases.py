@@ -31,8 +31,8 @@ Auto-detection (`--checkpoint-format auto`): 'model' + 'config' = ours; `vgg.*` 
 import torch
 
 from common.fcn import FCN8s, bilinear_kernel, segmenter_from_checkpoint
-from common.models import WeightLoadError, _check_and_load
-from common.runtime import InputError, read_checkpoint
+from common.models import WeightLoadError, _check_and_load, resolve_checkpoint_format
+from common.runtime import read_checkpoint
 
 FORMATS = ("auto", "ours", "madan", "madan_all")
 FORMAT_HELP = ("format of the file: ours (this repository's model.pth), madan (MADAN's released FCN8s, loaded as "
@@ -120,18 +120,11 @@ def detect_format(state, path):
 def load_segmenter(path, fmt="auto"):
     """Our segmenter from `path` in format `fmt` (FORMATS), loaded strictly. Returns (model, config, how), `how` a
     few words on the format used (and why, when auto-detected), for the log."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt, state, how = resolve_checkpoint_format(
+        path, fmt, FORMATS, lambda p: read_checkpoint(p, "a segmenter checkpoint of this project (model.pth) or "
+                                                         "MADAN's released FCN8s", numpy_scalars=True), detect_format)
     if fmt == "ours":
-        return (*segmenter_from_checkpoint(path), "ours")
-    state = read_checkpoint(path, "a segmenter checkpoint of this project (model.pth) or MADAN's released FCN8s",
-                            numpy_scalars=True)
-    how = fmt
-    if fmt == "auto":
-        fmt, why = detect_format(state, path)
-        how = f"{fmt} (auto-detected: {why})"
-        if fmt == "ours":
-            return (*segmenter_from_checkpoint(path), how)
+        return (*segmenter_from_checkpoint(path), how)
     sd, cfg = CONVERTERS[fmt](state, path)
     net = FCN8s(cfg["num_classes"])
     _check_and_load(net, sd, path, f"FCN8s of the {fmt} format (renamed as in madan/releases.py)")

@@ -48,8 +48,8 @@ import torch
 
 from common import safe_pickle
 from common.bisenet import BiSeNetV1, bisenet_from_checkpoint
-from common.models import WeightLoadError, _check_and_load
-from common.runtime import InputError
+from common.models import WeightLoadError, _check_and_load, fill_bn_counters, resolve_checkpoint_format
+
 
 FORMATS = ("auto", "ours", "ssada", "tufl")
 FORMAT_HELP = ("format of the file: ours (this folder's model.pth), ssada (SS-ADA's released models and its "
@@ -173,22 +173,14 @@ def load_segmenter(path, fmt="auto", ours=bisenet_from_checkpoint):
     """BiSeNetV1 from `path` in format `fmt` (FORMATS), loaded strictly; a checkpoint of ours through `ours` (test.py:
     any segmenter). Returns (model, config, how), `how` a few words on the format used (and why, when
     auto-detected)."""
-    if fmt not in FORMATS:
-        raise InputError(f"unknown checkpoint format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    fmt, state, how = resolve_checkpoint_format(
+        path, fmt, FORMATS, lambda p: safe_pickle.load_torch(p, "a BiSeNetV1 checkpoint (ours, or SS-ADA's / "
+                                                                "TUFL's released files)"), detect_format)
     if fmt == "ours":
-        return (*ours(path), "ours")
-    state = safe_pickle.load_torch(path, "a BiSeNetV1 checkpoint (ours, or SS-ADA's / TUFL's released files)")
-    how = fmt
-    if fmt == "auto":
-        fmt, why = detect_format(state, path)
-        how = f"{fmt} (auto-detected: {why})"
-        if fmt == "ours":
-            return (*ours(path), how)
+        return (*ours(path), how)
     sd, cfg = CONVERTERS[fmt](state, path)
     net = BiSeNetV1(cfg["num_classes"], variant=cfg["variant"])
-    counters = [k for k in net.state_dict() if k.endswith("num_batches_tracked")]
-    if not any(k in sd for k in counters):  # inplace_abn < 1.0: no BN step counters at all (module docstring)
-        sd.update({k: torch.zeros((), dtype=torch.long) for k in counters})
+    fill_bn_counters(net, sd)  # inplace_abn < 1.0: no BN step counters at all (module docstring)
     aux = [k for k in net.state_dict() if k.startswith(("head_aux16.", "head_aux32."))]
     if not any(k in sd for k in aux):  # a model built without deep supervision (module docstring)
         sd.update({k: v for k, v in net.state_dict().items() if k in aux})
